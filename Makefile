@@ -1,0 +1,62 @@
+# Kimad's entry points. On a fresh machine:
+#   make demo   set everything up (venv, torch, Horovod, kimad._C) and run the main job
+#   make test   set everything up and run the whole test suite (pytest + CTest, sanitizers, CUDA compile check)
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV   ?= $(CURDIR)/.venv
+PY     := $(VENV)/bin/python
+# The venv brings ninja (and cmake finds it there) even where the system has none.
+export PATH := $(VENV)/bin:$(PATH)
+NP     ?= 2
+CMAKE_BUILD := build/cmake
+ASAN_BUILD  := build/cmake-asan
+
+.PHONY: help setup cxx-deps test test-python test-cxx demo bench clean
+
+help:
+	@echo "make demo        set up, then run the main job (2-rank Horovod training on localhost)"
+	@echo "make test        set up, then run pytest and the C++ tests (plain + ASan/UBSan) and the CUDA compile check"
+	@echo "make setup       create $(VENV) and install torch, Horovod 0.28.1 (cached build) and kimad (editable)"
+	@echo "make bench       kernel microbenchmarks (ratios against baselines measured in the same run)"
+	@echo "make clean       remove build outputs (keeps the venv and the Horovod wheel cache)"
+
+setup:
+	@KIMAD_VENV=$(VENV) bash scripts/bootstrap.sh
+
+# GoogleTest for the C++ unit tests: Debian's libgtest-dev (installed when missing and we are root).
+cxx-deps:
+	@if [ ! -f /usr/include/gtest/gtest.h ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "[make] installing libgtest-dev for the C++ unit tests"; \
+	    (apt-get install -y -qq libgtest-dev >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq libgtest-dev >/dev/null)); \
+	  else echo "[make] error: the C++ tests need GoogleTest: apt-get install libgtest-dev (as root)" >&2; exit 1; fi; \
+	fi
+
+test: setup cxx-deps
+	@$(MAKE) --no-print-directory test-python test-cxx
+
+test-python:
+	$(PY) -m pytest
+
+test-cxx:
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build $(CMAKE_BUILD)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+	cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKIMAD_SANITIZE=ON -DKIMAD_CUDA_CHECK=OFF >/dev/null
+	cmake --build $(ASAN_BUILD)
+	ctest --test-dir $(ASAN_BUILD) --output-on-failure
+
+demo: setup
+	@echo "[demo] 2-rank data-parallel training of a CNN on the MNIST digits, Horovod on localhost (Gloo)"
+	@for c in none fp16; do \
+	  echo "[demo] --compression $$c"; \
+	  $(VENV)/bin/horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m kimad.bench.train --compression $$c; \
+	done
+
+bench: setup
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf build kimad/_C*.so

@@ -1,0 +1,122 @@
+"""Kernel microbenchmarks: Kimad's native ops against baselines measured in the same run.
+
+    python benchmarks/kernels.py [--quick] [--device cpu|cuda] [--json PATH]
+
+Baselines per row: "floor" is ``torch.add(a, b, out=c)`` on the same d (a memory-bound pass
+that reads 2d and writes d floats), "torch" is the plain torch composition of the same op.
+Every figure is the median of ``--repeats`` timed runs after one warm-up. The table says the
+machine it ran on; ``--json`` writes the rows (op, d, density, median_ms, x_floor, x_torch).
+
+Ops covered so far:
+  decode8   decode-and-accumulate of 8 ranks' sparse messages (density each) into a dense d,
+            vs torch: ``out.index_add_(0, idx, values)`` per rank (duplicates add up in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from kimad.ops import sparse_accumulate
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def bench_decode(d: int, density: float, ranks: int, repeats: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    k = max(1, int(d * density))
+    msgs = [
+        (torch.randn(k, generator=g).to(device), torch.randperm(d, generator=g)[:k].to(torch.int32).to(device))
+        for _ in range(ranks)
+    ]
+    msgs64 = [(v, i.long()) for v, i in msgs]
+    out = torch.zeros(d, device=device)
+    a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
+
+    def kimad_decode():
+        out.zero_()
+        for v, i in msgs:
+            sparse_accumulate(out, v, i, scale=1.0 / ranks)
+
+    def torch_decode():
+        out.zero_()
+        for v, i in msgs64:
+            out.index_add_(0, i, v, alpha=1.0 / ranks)
+
+    floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
+    ours = median_ms(kimad_decode, repeats, device)
+    ref = median_ms(torch_decode, repeats, device)
+    return {"op": f"decode{ranks}", "d": d, "density": density, "median_ms": round(ours, 3),
+            "x_floor": round(ours / floor, 2), "x_torch": round(ref / ours, 2), "floor_ms": round(floor, 3),
+            "torch_ms": round(ref, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="only d = 25M at density 1%% (about a minute)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the tensors live (default: cpu)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per figure (default: 7)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU visible to torch")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+
+    sizes = [25_000_000] if args.quick else [1_000_000, 25_000_000, 100_000_000]
+    densities = [0.01] if args.quick else [0.001, 0.01, 0.1]
+    print(f"machine: {machine(device)}")
+    print("x_floor = median / median of torch.add(a, b, out=c) on the same d;"
+          " x_torch = torch composition's median / ours (higher is better)")
+    header = f"{'op':<10}{'d':>13}{'density':>9}{'median ms':>11}{'x floor':>9}{'x torch':>9}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for d in sizes:
+        for density in densities:
+            row = bench_decode(d, density, 8, args.repeats, device)
+            rows.append(row)
+            print(f"{row['op']:<10}{d:>13,}{density:>9.3%}{row['median_ms']:>11.2f}{row['x_floor']:>9.2f}{row['x_torch']:>9.2f}",
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

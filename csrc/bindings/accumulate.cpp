@@ -1,0 +1,73 @@
+// Bindings of decode-and-accumulate (csrc/kernels/*/accumulate.*).
+#include <limits>
+
+#include "bindings.h"
+#include "kimad/kernels.h"
+
+#ifdef KIMAD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kimad/cuda.h"
+#endif
+
+namespace kimad {
+namespace bindings {
+namespace {
+
+// out[indices[i]] += scale * values[i]; returns -1, or the position of the first index outside
+// [0, out.numel()) in which case `out` is untouched.
+int64_t sparse_accumulate(torch::Tensor out, const torch::Tensor& values, const torch::Tensor& indices,
+                          double scale) {
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32, "sparse_accumulate: out must be float32, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "sparse_accumulate: out must be contiguous");
+  TORCH_CHECK(values.scalar_type() == torch::kFloat32, "sparse_accumulate: values must be float32, got ",
+              values.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == torch::kInt32, "sparse_accumulate: indices must be int32, got ",
+              indices.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && indices.dim() == 1, "sparse_accumulate: values and indices must be 1-D");
+  TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(),
+              "sparse_accumulate: values and indices must be contiguous");
+  TORCH_CHECK(values.numel() == indices.numel(), "sparse_accumulate: ", values.numel(), " values but ",
+              indices.numel(), " indices");
+  TORCH_CHECK(out.numel() <= std::numeric_limits<int32_t>::max(), "sparse_accumulate: out has ",
+              out.numel(), " elements; int32 indices address at most 2^31-1");
+  TORCH_CHECK(out.device() == values.device() && out.device() == indices.device(),
+              "sparse_accumulate: out, values and indices must be on one device");
+  const int64_t count = values.numel();
+  const float s = static_cast<float>(scale);
+  if (out.is_cuda()) {
+#ifdef KIMAD_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(out.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    auto first = torch::full({1}, std::numeric_limits<int64_t>::max(),
+                             torch::dtype(torch::kInt64).device(out.device()));
+    C10_CUDA_CHECK(cuda::find_invalid_index(indices.data_ptr<int32_t>(), count, out.numel(),
+                                            first.data_ptr<int64_t>(), stream));
+    const int64_t bad = first.item<int64_t>();  // synchronises: nothing is written before the check
+    if (bad != std::numeric_limits<int64_t>::max()) return bad;
+    C10_CUDA_CHECK(cuda::scatter_add(values.data_ptr<float>(), indices.data_ptr<int32_t>(), count, s,
+                                     out.data_ptr<float>(), stream));
+    return -1;
+#else
+    TORCH_CHECK(false, "sparse_accumulate: kimad._C was built without CUDA; rebuild with a CUDA torch");
+#endif
+  }
+  TORCH_CHECK(out.is_cpu(), "sparse_accumulate: unsupported device ", out.device());
+  return cpu::sparse_accumulate(values.data_ptr<float>(), indices.data_ptr<int32_t>(), count, s,
+                                out.data_ptr<float>(), out.numel());
+}
+
+}  // namespace
+
+void bind_accumulate(pybind11::module_& m) {
+  m.def("sparse_accumulate", &sparse_accumulate, pybind11::arg("out"), pybind11::arg("values"),
+        pybind11::arg("indices"), pybind11::arg("scale"),
+        "out[indices[i]] += scale * values[i] (float32 out/values, int32 indices, contiguous). Returns -1, "
+        "or the position of the first out-of-range index, in which case out is untouched.",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+
+}  // namespace bindings
+}  // namespace kimad

@@ -1,0 +1,12 @@
+// Shared declarations of the kimad._C bindings: each op family binds itself from its own file.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace kimad {
+namespace bindings {
+
+void bind_accumulate(pybind11::module_& m);
+
+}  // namespace bindings
+}  // namespace kimad

@@ -1,0 +1,13 @@
+"""Errors Kimad raises. Every one is a :class:`KimadError`, and says what to do about it."""
+
+
+class KimadError(Exception):
+    """Base class of every error Kimad raises on purpose."""
+
+
+class ExtensionNotBuiltError(KimadError, ImportError):
+    """The native extension ``kimad._C`` is missing or does not load."""
+
+
+class CorruptMessageError(KimadError, ValueError):
+    """A received compression message is malformed (e.g. an index outside its tensor)."""

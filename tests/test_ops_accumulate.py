@@ -1,0 +1,110 @@
+"""Specification of kimad.ops.sparse_accumulate against a plain reference loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kimad import CorruptMessageError, KimadError
+from kimad.ops import sparse_accumulate
+
+
+def reference(out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """out[indices[i]] += scale * values[i], one entry at a time, in float32."""
+    r = out.detach().cpu().numpy().astype(np.float32).reshape(-1).copy()
+    v = values.detach().cpu().to(torch.float32).numpy()
+    s = np.float32(scale)
+    for j, x in zip(indices.cpu().tolist(), v):
+        r[j] = np.float32(r[j] + np.float32(s * x))
+    return torch.from_numpy(r).reshape(out.shape)
+
+
+@st.composite
+def messages(draw):
+    numel = draw(st.integers(1, 3000))
+    count = draw(st.integers(0, 200))
+    heavy_duplicates = draw(st.booleans())
+    hi = min(numel - 1, 3) if heavy_duplicates else numel - 1
+    indices = draw(st.lists(st.integers(0, hi), min_size=count, max_size=count))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([1.0, 0.5, 1 / 3, -2.0]))
+    return numel, indices, seed, scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages())
+def test_matches_reference_bit_for_bit(message):
+    numel, idx, seed, scale = message
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(numel, generator=g)
+    values = torch.randn(len(idx), generator=g)
+    indices = torch.tensor(idx, dtype=torch.int32)
+    expected = reference(out, values, indices, scale)
+    sparse_accumulate(out, values, indices, scale=scale)
+    assert torch.equal(out, expected)
+
+
+def test_large_threaded_message_with_duplicates_matches_reference(device):
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(1 << 16, generator=g)
+    indices = torch.randint(0, 1 << 10, (1 << 16,), generator=g, dtype=torch.int32)
+    values = torch.randn(1 << 16, generator=g)
+    expected = reference(out, values, indices, 0.125)
+    got = sparse_accumulate(out.to(device), values.to(device), indices.to(device), scale=0.125).cpu()
+    # CUDA adds duplicates atomically in unspecified order: equal up to float rounding there.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if device.type == "cpu":
+        assert torch.equal(got, expected)
+
+
+def test_multidimensional_out_is_addressed_flat(device):
+    out = torch.zeros(2, 3, device=device)
+    sparse_accumulate(out, torch.tensor([1.0, 2.0], device=device), torch.tensor([5, 0], device=device))
+    assert out.cpu().tolist() == [[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_int64_indices_and_half_values_are_converted():
+    out = torch.zeros(4)
+    sparse_accumulate(out, torch.tensor([1.5, 2.5], dtype=torch.float16), torch.tensor([3, 3], dtype=torch.int64))
+    assert out.tolist() == [0.0, 0.0, 0.0, 4.0]
+
+
+def test_non_contiguous_message_views_are_accepted():
+    out = torch.zeros(6)
+    values = torch.arange(8.0)[::2]  # [0, 2, 4, 6]
+    indices = torch.tensor([0, 9, 1, 9, 2, 9, 3, 9], dtype=torch.int32)[::2]
+    sparse_accumulate(out, values, indices)
+    assert out.tolist() == [0.0, 2.0, 4.0, 6.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 2**31 - 1])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_out_of_range_index_raises_and_leaves_out_unchanged(device, bad, index_dtype):
+    out = torch.full((10,), 3.0, device=device)
+    indices = torch.tensor([0, 4, bad], dtype=index_dtype, device=device)
+    with pytest.raises(CorruptMessageError, match=rf"'fc.weight' has index {bad:,} at position 2"):
+        sparse_accumulate(out, torch.ones(3, device=device), indices, name="fc.weight")
+    assert torch.equal(out.cpu(), torch.full((10,), 3.0))
+
+
+def test_length_mismatch_is_a_corrupt_message():
+    with pytest.raises(CorruptMessageError, match="2 values but 3 indices"):
+        sparse_accumulate(torch.zeros(4), torch.ones(2), torch.zeros(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "out, values, indices, match",
+    [
+        (torch.zeros(4, dtype=torch.float64), torch.ones(1), torch.zeros(1, dtype=torch.int32), "out must be float32"),
+        (torch.zeros(4, 2).t(), torch.ones(1), torch.zeros(1, dtype=torch.int32), "out must be contiguous"),
+        (torch.zeros(4), torch.ones(1, 1), torch.zeros(1, dtype=torch.int32), "must be 1-D"),
+        (torch.zeros(4), torch.ones(1), torch.zeros(1, dtype=torch.int16), "indices must be int32 or int64"),
+        (torch.zeros(4), torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), "floating point"),
+    ],
+)
+def test_bad_arguments_raise_named_errors(out, values, indices, match):
+    with pytest.raises(KimadError, match=match):
+        sparse_accumulate(out, values, indices)
