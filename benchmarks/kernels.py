@@ -10,6 +10,10 @@ machine it ran on; ``--json`` writes the rows (op, d, density, median_ms, x_floo
 Ops covered so far:
   decode8   decode-and-accumulate of 8 ranks' sparse messages (density each) into a dense d,
             vs torch: ``out.index_add_(0, idx, values)`` per rank (duplicates add up in both).
+  ef_topk   fused EF21 exact top-k encode (k = density * d) vs torch: ``v = g - h;
+            torch.topk(v.abs(), k); v.gather; h[idx] += vals``.
+  profile16 error profile for 16 densities geometric from 1e-4 to 1 (one histogram pass) vs
+            torch: ``v = g - h``, one sort of ``v**2`` and a cumulative sum read at the 16 ks.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from kimad.ops import sparse_accumulate
+from kimad.ops import error_profile, sparse_accumulate, topk_encode
 
 
 def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -83,6 +87,53 @@ def bench_decode(d: int, density: float, ranks: int, repeats: int, device: torch
             "torch_ms": round(ref, 3)}
 
 
+def _row(op: str, d: int, density: float, ours: float, floor: float, ref: float) -> dict:
+    return {"op": op, "d": d, "density": density, "median_ms": round(ours, 3),
+            "x_floor": round(ours / floor, 2), "x_torch": round(ref / ours, 2), "floor_ms": round(floor, 3),
+            "torch_ms": round(ref, 3)}
+
+
+def bench_ef_topk(d: int, density: float, repeats: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(1)
+    k = max(1, int(d * density))
+    grad = torch.randn(d, generator=g).to(device)
+    h = (0.1 * torch.randn(d, generator=g)).to(device)
+    h_torch = h.clone()
+    a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
+
+    def torch_ef_topk():
+        v = grad - h_torch
+        idx = torch.topk(v.abs(), k, sorted=False).indices
+        vals = v.gather(0, idx)
+        h_torch[idx] += vals
+        return vals, idx
+
+    floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
+    ours = median_ms(lambda: topk_encode(grad, h, k, mode="ef21"), repeats, device)
+    ref = median_ms(torch_ef_topk, repeats, device)
+    return _row("ef_topk", d, density, ours, floor, ref)
+
+
+def bench_profile16(d: int, repeats: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(d, generator=g).to(device)
+    h = (0.1 * torch.randn(d, generator=g)).to(device)
+    ks = sorted({min(d, max(1, round(d * 10 ** (-4 + 4 * i / 15)))) for i in range(16)})
+    a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
+
+    def torch_profile():
+        sq = (grad - h).double().pow(2)
+        desc = torch.sort(sq, descending=True).values
+        kept = torch.cumsum(desc, 0)
+        total = kept[-1]
+        return [float(total - kept[k - 1]) for k in ks]
+
+    floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
+    ours = median_ms(lambda: error_profile(grad, h, ks, mode="ef21"), repeats, device)
+    ref = median_ms(torch_profile, max(1, repeats // 3), device)
+    return _row("profile16", d, 1.0, ours, floor, ref)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only d = 25M at density 1%% (about a minute)")
@@ -105,12 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     rows = []
+
+    def print_row(row: dict) -> None:
+        print(f"{row['op']:<10}{row['d']:>13,}{row['density']:>9.3%}{row['median_ms']:>11.2f}{row['x_floor']:>9.2f}"
+              f"{row['x_torch']:>9.2f}", flush=True)
+
     for d in sizes:
         for density in densities:
-            row = bench_decode(d, density, 8, args.repeats, device)
-            rows.append(row)
-            print(f"{row['op']:<10}{d:>13,}{density:>9.3%}{row['median_ms']:>11.2f}{row['x_floor']:>9.2f}{row['x_torch']:>9.2f}",
-                  flush=True)
+            for row in (bench_decode(d, density, 8, args.repeats, device),
+                        bench_ef_topk(d, density, args.repeats, device)):
+                rows.append(row)
+                print_row(row)
+        row = bench_profile16(d, args.repeats, device)
+        rows.append(row)
+        print_row(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(device), "rows": rows}, f, indent=1)

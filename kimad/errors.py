@@ -11,3 +11,7 @@ class ExtensionNotBuiltError(KimadError, ImportError):
 
 class CorruptMessageError(KimadError, ValueError):
     """A received compression message is malformed (e.g. an index outside its tensor)."""
+
+
+class NonFiniteGradientError(KimadError, ValueError):
+    """A gradient (plus its error-feedback state) holds NaN or Inf; nothing was compressed or updated."""

@@ -1,0 +1,116 @@
+// Bindings of the fused error feedback + top-k encode and the error profile
+// (csrc/kernels/*/topk.*).
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "bindings.h"
+#include "kimad/topk.h"
+
+#ifdef KIMAD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kimad/topk_cuda.h"
+#endif
+
+namespace kimad {
+namespace bindings {
+namespace {
+
+Feedback feedback_mode(int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1, "topk: mode must be 0 (EF) or 1 (EF21), got ", mode);
+  return mode == 0 ? Feedback::kEF : Feedback::kEF21;
+}
+
+void check_pair(const char* op, const torch::Tensor& grad, const torch::Tensor& state) {
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && state.scalar_type() == torch::kFloat32, op,
+              ": grad and state must be float32, got ", grad.scalar_type(), " and ", state.scalar_type());
+  TORCH_CHECK(grad.is_contiguous() && state.is_contiguous(), op, ": grad and state must be contiguous");
+  TORCH_CHECK(grad.numel() == state.numel(), op, ": grad has ", grad.numel(), " elements but state has ",
+              state.numel());
+  TORCH_CHECK(grad.device() == state.device(), op, ": grad and state must be on one device");
+  TORCH_CHECK(grad.numel() <= std::numeric_limits<int32_t>::max(), op, ": ", grad.numel(),
+              " elements exceed int32 indexing");
+}
+
+// Returns (non_finite, sq_norm, sq_error); values/indices are written only when non_finite == 0.
+std::tuple<int64_t, double, double> topk_encode(const torch::Tensor& grad, torch::Tensor state, int64_t k,
+                                                int64_t mode, torch::Tensor values, torch::Tensor indices) {
+  check_pair("topk_encode", grad, state);
+  const int64_t n = grad.numel();
+  TORCH_CHECK(k >= 0 && k <= n, "topk_encode: k=", k, " must be in [0, ", n, "]");
+  TORCH_CHECK(values.scalar_type() == torch::kFloat32 && indices.scalar_type() == torch::kInt32,
+              "topk_encode: values must be float32 and indices int32");
+  TORCH_CHECK(values.dim() == 1 && indices.dim() == 1 && values.numel() == k && indices.numel() == k,
+              "topk_encode: values and indices must be 1-D with k=", k, " elements");
+  TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(), "topk_encode: values and indices must be contiguous");
+  TORCH_CHECK(values.device() == grad.device() && indices.device() == grad.device(),
+              "topk_encode: values and indices must be on grad's device");
+  const Feedback fb = feedback_mode(mode);
+  TopKStats st{};
+  if (grad.is_cuda()) {
+#ifdef KIMAD_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(grad.device());
+    C10_CUDA_CHECK(cuda::topk_encode(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, k,
+                                     values.data_ptr<float>(), indices.data_ptr<int32_t>(), &st,
+                                     at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "topk_encode: kimad._C was built without CUDA; rebuild with a CUDA torch");
+#endif
+  } else {
+    TORCH_CHECK(grad.is_cpu(), "topk_encode: unsupported device ", grad.device());
+    st = cpu::topk_encode(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, k, values.data_ptr<float>(),
+                          indices.data_ptr<int32_t>());
+  }
+  return {st.non_finite, st.sq_norm, st.sq_error};
+}
+
+// Returns (non_finite, sq_norm, errors); errors is meaningful only when non_finite == 0.
+std::tuple<int64_t, double, std::vector<double>> error_profile(const torch::Tensor& grad, const torch::Tensor& state,
+                                                               const std::vector<int64_t>& ks, int64_t mode) {
+  check_pair("error_profile", grad, state);
+  const int64_t n = grad.numel();
+  for (int64_t k : ks) TORCH_CHECK(k >= 0 && k <= n, "error_profile: k=", k, " must be in [0, ", n, "]");
+  const Feedback fb = feedback_mode(mode);
+  std::vector<double> errors(ks.size(), 0.0);
+  TopKStats st{};
+  if (grad.is_cuda()) {
+#ifdef KIMAD_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(grad.device());
+    std::vector<uint32_t> counts(kTopKBins);
+    std::vector<double> sums(kTopKBins);
+    C10_CUDA_CHECK(cuda::key_histogram(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, counts.data(),
+                                       sums.data(), &st, at::cuda::getCurrentCUDAStream()));
+    if (st.non_finite == 0) {
+      cpu::profile_from_histogram(counts.data(), sums.data(), ks.data(), static_cast<int64_t>(ks.size()),
+                                  errors.data());
+    }
+#else
+    TORCH_CHECK(false, "error_profile: kimad._C was built without CUDA; rebuild with a CUDA torch");
+#endif
+  } else {
+    TORCH_CHECK(grad.is_cpu(), "error_profile: unsupported device ", grad.device());
+    st = cpu::error_profile(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, ks.data(),
+                            static_cast<int64_t>(ks.size()), errors.data());
+  }
+  return {st.non_finite, st.sq_norm, errors};
+}
+
+}  // namespace
+
+void bind_topk(pybind11::module_& m) {
+  m.def("topk_encode", &topk_encode, pybind11::arg("grad"), pybind11::arg("state"), pybind11::arg("k"),
+        pybind11::arg("mode"), pybind11::arg("values"), pybind11::arg("indices"),
+        "Exact top-k of v = grad + state (mode 0, EF) or grad - state (mode 1, EF21) into values (float32, k) "
+        "and indices (int32, k, ascending), updating state in place. Returns (non_finite, sq_norm, sq_error); "
+        "when non_finite > 0 nothing was written.",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("error_profile", &error_profile, pybind11::arg("grad"), pybind11::arg("state"), pybind11::arg("ks"),
+        pybind11::arg("mode"),
+        "||v - TopK_k(v)||^2 for each k in ks from one histogram pass. Returns (non_finite, sq_norm, errors).",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+
+}  // namespace bindings
+}  // namespace kimad
