@@ -1,0 +1,144 @@
+"""Alpha-beta cost model of the ring collectives, and the prices of one tensor's message.
+
+A ring collective over ``n`` ranks costs ``latency_terms * alpha + link_bytes * 8 / bandwidth``
+seconds, where (the only place these formulas live; the estimator inverts them):
+
+``allreduce`` of ``D`` bytes:            ``2 (n - 1) / n * D`` bytes on each link, ``2 (n - 1)`` latencies
+                                        (reduce-scatter then allgather, ``n - 1`` rounds each).
+``allgather`` of ``m`` bytes per rank:   ``(n - 1) * m`` bytes on each link, ``n - 1`` latencies.
+
+With ``n == 1`` nothing is communicated and both cost 0 seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from kimad.compressors.wire import MessageFormat, message_bytes
+from kimad.errors import KimadError
+
+COLLECTIVES = ("allreduce", "allgather")
+
+
+class CostModelError(KimadError, ValueError):
+    """A cost model was built or queried with an impossible argument (bandwidth <= 0, world size < 1, ...)."""
+
+
+def _check_collective(collective: str, world_size: int) -> None:
+    if collective not in COLLECTIVES:
+        raise CostModelError(f"unknown collective {collective!r}; known: {COLLECTIVES}")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise CostModelError(f"world_size must be an int >= 1, got {world_size!r}")
+
+
+def link_bytes(collective: str, world_size: int, nbytes: float) -> float:
+    """Bytes each rank sends over its ring link for one collective.
+
+    Args:
+        collective: ``"allreduce"`` (``nbytes`` = the whole buffer, summed) or ``"allgather"``
+            (``nbytes`` = this rank's contribution).
+        world_size: number of ranks ``n`` >= 1.
+        nbytes: bytes, >= 0.
+    """
+    _check_collective(collective, world_size)
+    n = world_size
+    if collective == "allreduce":
+        return 2.0 * (n - 1) / n * nbytes
+    return float(n - 1) * nbytes
+
+
+def latency_terms(collective: str, world_size: int) -> int:
+    """How many per-message latencies (alpha) one ring collective pays: ``2 (n-1)`` or ``n-1``."""
+    _check_collective(collective, world_size)
+    return 2 * (world_size - 1) if collective == "allreduce" else world_size - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Predicted seconds of Kimad's collectives for a bandwidth estimate and a world size.
+
+    Attributes:
+        bandwidth_bps: link bandwidth in bits per second (> 0, may be ``inf``).
+        latency_s: per-message latency alpha in seconds (>= 0).
+        world_size: number of ranks ``n`` (>= 1).
+    """
+
+    bandwidth_bps: float
+    latency_s: float
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if not (self.bandwidth_bps > 0):  # also rejects NaN
+            raise CostModelError(f"bandwidth_bps must be > 0 bits/s, got {self.bandwidth_bps!r}")
+        if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
+            raise CostModelError(f"latency_s must be a finite number >= 0 seconds, got {self.latency_s!r}")
+        _check_collective("allreduce", self.world_size)
+
+    @classmethod
+    def from_estimate(cls, estimate, world_size: int) -> "CostModel":
+        """Build from anything with ``bandwidth_bps`` and ``latency_s`` (e.g. a ``BandwidthEstimator.estimate()``)."""
+        return cls(float(estimate.bandwidth_bps), float(estimate.latency_s), world_size)
+
+    def collective_time(self, collective: str, nbytes: float) -> float:
+        """Seconds of one ``collective`` moving ``nbytes`` (see :func:`link_bytes` for their meaning)."""
+        if not (nbytes >= 0 and math.isfinite(nbytes)):
+            raise CostModelError(f"a {collective} moves a finite number >= 0 of bytes, got {nbytes!r}")
+        if self.world_size == 1:
+            return 0.0
+        return (latency_terms(collective, self.world_size) * self.latency_s
+                + 8.0 * link_bytes(collective, self.world_size, nbytes) / self.bandwidth_bps)
+
+    def allreduce(self, total_bytes: float) -> float:
+        """Seconds to allreduce a buffer of ``total_bytes`` bytes."""
+        return self.collective_time("allreduce", total_bytes)
+
+    def allgather(self, bytes_per_rank: float) -> float:
+        """Seconds to allgather ``bytes_per_rank`` bytes from every rank."""
+        return self.collective_time("allgather", bytes_per_rank)
+
+    def option_bytes(self, fmt: MessageFormat | str, numel: int, *, k: int | None = None,
+                     bits: int | None = None) -> int:
+        """Bytes of one rank's message for a tensor of ``numel`` elements (exactly :func:`wire.message_bytes`)."""
+        return message_bytes(fmt, numel, k=k, bits=bits)
+
+    def option_link_bytes(self, fmt: MessageFormat | str, numel: int, *, k: int | None = None,
+                          bits: int | None = None) -> float:
+        """Bytes each rank puts on its link to exchange this message (0 when ``n == 1``)."""
+        fmt = MessageFormat(fmt)
+        return link_bytes(fmt.collective, self.world_size, self.option_bytes(fmt, numel, k=k, bits=bits))
+
+    def option_time(self, fmt: MessageFormat | str, numel: int, *, k: int | None = None,
+                    bits: int | None = None) -> float:
+        """Seconds to exchange one tensor's message: dense formats by allreduce, the others by allgather."""
+        fmt = MessageFormat(fmt)
+        return self.collective_time(fmt.collective, self.option_bytes(fmt, numel, k=k, bits=bits))
+
+    def dense_break_even_density(self, numel: int) -> float:
+        """The top-k density ``k / numel`` above which a top-k allgather costs more than a dense fp32 allreduce.
+
+        Derivation (bandwidth terms): a top-k message of ``m`` bytes costs ``(n-1) m`` bytes per link,
+        dense fp32 costs ``2 (n-1)/n * D`` with ``D = 4 numel``, so sparse wins iff ``m < 2 D / n``
+        (plus ``alpha * bandwidth / 8`` bytes, because the allgather pays ``n-1`` fewer latencies).
+        With int32 indices ``m ~ 8 k``, i.e. ``k / numel < 1 / n``; with the ``numel / 8``-byte bitmap
+        ``m ~ 4 k + numel / 8``, i.e. ``k / numel < 2 / n - 1 / 32`` (the smaller message is sent, so the
+        bitmap decides for ``n < 32``). Either way sparse only pays off below roughly ``1/n`` density,
+        about ``2/n`` of the dense bytes. Returns the largest ``k / numel`` whose top-k time is <= the
+        dense time (0.0 if even ``k = 0`` loses); 1.0 when ``n == 1`` (nothing is communicated).
+        """
+        if not isinstance(numel, int) or numel < 1:
+            raise CostModelError(f"numel must be an int >= 1, got {numel!r}")
+        if self.world_size == 1:
+            return 1.0
+        dense = self.option_time(MessageFormat.DENSE32, numel)
+
+        def wins(k: int) -> bool:
+            return self.option_time(MessageFormat.TOPK, numel, k=k) <= dense
+
+        if not wins(0):
+            return 0.0
+        lo, hi = 0, numel  # message_bytes is non-decreasing in k: binary search the last winning k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if wins(mid) else (lo, mid - 1)
+        return lo / numel

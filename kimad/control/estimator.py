@@ -1,0 +1,304 @@
+"""Online estimate of the link's bandwidth and latency from timed collectives (the alpha-beta model).
+
+Every timed collective gives one sample ``seconds ~ alpha * T + beta * X``: ``T`` latency terms and ``X``
+bits on each ring link (:func:`kimad.control.cost.latency_terms` and :func:`~kimad.control.cost.link_bytes`,
+the same formulas the cost model predicts with), ``alpha`` the per-message latency in seconds and
+``beta = 1 / bandwidth`` in seconds per bit. The fit, redone lazily when an estimate is asked for:
+
+1. Take the last ``window`` samples; weigh each by ``0.5 ** ((step_now - step) / half_life_steps)``
+   so the estimate follows a changing link.
+2. Fit ``alpha`` and ``beta`` jointly by weighted least squares (Gauss-Newton) on the log residual
+   ``r = log(measured / predicted)``: a 1 KB and a 100 MB message count alike, a link 5x slower than
+   predicted pulls as hard as one 5x faster, and multiplicative timing noise leaves no bias.
+3. Reweigh robustly: from two starting fits (Huber fits of the whole window and of its last
+   half-life), Tukey biweight iterations give zero weight to samples more than ``outlier_cutoff``
+   robust standard deviations (``1.4826 * weighted MAD`` of ``r``) from the fit; the fit with the
+   smaller weighted median ``|r|`` wins. Zero-weight samples are counted in ``outliers``. A stalled
+   rank's single huge duration is thus ignored, and a step change in the link is followed once the
+   new samples carry most of the weight (about one half-life).
+4. If the samples do not separate ``alpha`` from ``beta`` (all of about one size, so ``X / T`` is the
+   same everywhere), or the joint fit is unphysical (``alpha < 0`` or ``beta <= 0``), keep the last
+   identified latency (initially the prior) and fit ``beta`` alone; failing that, ``alpha = 0``.
+
+Samples that cannot be a real measurement -- a zero duration, or one implying more than
+``max_bandwidth_bps`` -- are not fitted and are counted in ``rejected``. NaN, infinite or negative
+inputs are caller bugs and raise :class:`EstimatorError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from kimad.control.cost import COLLECTIVES, latency_terms, link_bytes
+from kimad.errors import KimadError
+
+_HUBER_C = 1.345
+_HUBER_ITERS = 15
+_TUKEY_ITERS = 10
+_MIN_REL_SCALE = 1e-3  # relative residual scale floor: noise-free samples must not make every sample an outlier
+_IDENTIFIABLE_TOL = 1e-4  # 1 - cos^2 between the latency and bandwidth columns below which they are collinear
+_MIN_WEIGHT = 1e-4  # samples forgotten below this weight are dropped from the window
+
+
+class EstimatorError(KimadError, ValueError):
+    """A bandwidth sample or estimator setting is invalid (NaN, negative, unknown collective, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BandwidthEstimate:
+    """The current alpha-beta estimate.
+
+    Attributes:
+        bandwidth_bps: link bandwidth, bits per second.
+        latency_s: per-message latency alpha, seconds.
+        bandwidth_rel_stderr: relative standard error of ``bandwidth_bps`` from the fit residuals
+            (``inf`` while there are too few effective samples to tell).
+        effective_samples: Kish effective sample count ``(sum u)^2 / sum u^2`` of the final fit weights.
+        latency_identified: whether ``latency_s`` was fitted jointly in this fit (else it was held).
+    """
+
+    bandwidth_bps: float
+    latency_s: float
+    bandwidth_rel_stderr: float
+    effective_samples: float
+    latency_identified: bool
+
+
+@dataclasses.dataclass
+class EstimatorState:
+    """Everything a :class:`BandwidthEstimator` knows: configuration, samples, counters, last fit.
+
+    ``samples`` holds ``(latency_terms, link_bits, seconds, step)`` per accepted sample.
+    """
+
+    initial_bandwidth_bps: float = 1e9
+    initial_latency_s: float = 50e-6
+    half_life_steps: float = 50.0
+    window: int = 512
+    max_bandwidth_bps: float = 1e13
+    outlier_cutoff: float = 5.0
+    samples: list = dataclasses.field(default_factory=list)
+    step_now: int = 0
+    rejected_zero_duration: int = 0
+    rejected_too_fast: int = 0
+    ignored_single_rank: int = 0
+    outliers: int = 0
+    bandwidth_bps: float = math.nan
+    latency_s: float = math.nan
+    bandwidth_rel_stderr: float = math.inf
+    effective_samples: float = 0.0
+    latency_identified: bool = False
+    fitted: bool = True
+
+
+def _positive(name: str, value: float, allow_inf: bool = False) -> float:
+    value = float(value)
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        raise EstimatorError(f"{name} must be a {'' if allow_inf else 'finite '}number > 0, got {value!r}")
+    return value
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    order = np.argsort(x)
+    cum = np.cumsum(w[order])
+    return float(x[order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
+class BandwidthEstimator:
+    """Weighted, robust, forgetting least-squares fit of bandwidth (bits/s) and latency (s); see the module docstring.
+
+    Args:
+        initial_bandwidth_bps: prior bandwidth, bits/s, reported before any sample.
+        initial_latency_s: prior latency, seconds, reported before any sample and held while the
+            samples cannot identify it.
+        half_life_steps: a sample ``half_life_steps`` steps old weighs half as much as a new one.
+        window: at most this many recent samples are fitted.
+        max_bandwidth_bps: a sample implying more bits/s than this is rejected as absurd.
+        outlier_cutoff: samples farther than this many robust standard deviations from the fit get weight 0.
+    """
+
+    def __init__(self, *, initial_bandwidth_bps: float = 1e9, initial_latency_s: float = 50e-6,
+                 half_life_steps: float = 50.0, window: int = 512, max_bandwidth_bps: float = 1e13,
+                 outlier_cutoff: float = 5.0) -> None:
+        if not math.isfinite(float(initial_latency_s)) or initial_latency_s < 0:
+            raise EstimatorError(f"initial_latency_s must be a finite number >= 0 seconds, got {initial_latency_s!r}")
+        if not isinstance(window, int) or window < 1:
+            raise EstimatorError(f"window must be an int >= 1 samples, got {window!r}")
+        self.state = EstimatorState(
+            initial_bandwidth_bps=_positive("initial_bandwidth_bps", initial_bandwidth_bps),
+            initial_latency_s=float(initial_latency_s),
+            half_life_steps=_positive("half_life_steps", half_life_steps),
+            window=window,
+            max_bandwidth_bps=_positive("max_bandwidth_bps", max_bandwidth_bps, allow_inf=True),
+            outlier_cutoff=_positive("outlier_cutoff", outlier_cutoff),
+        )
+        self.state.bandwidth_bps = self.state.initial_bandwidth_bps
+        self.state.latency_s = self.state.initial_latency_s
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A plain-dict copy of the whole state (JSON- and pickle-friendly)."""
+        return dataclasses.asdict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.state = EstimatorState(**{**state, "samples": [tuple(s) for s in state["samples"]]})
+
+    # -- samples ---------------------------------------------------------------------------------
+    def add(self, kind: str, world_size: int, bytes_per_rank: int, seconds: float, step: int) -> bool:
+        """Record one timed collective; returns whether it was accepted for fitting.
+
+        Args:
+            kind: ``"allreduce"`` (``bytes_per_rank`` = the buffer size) or ``"allgather"``
+                (``bytes_per_rank`` = each rank's contribution).
+            world_size: ranks in the collective (>= 1; single-rank samples carry no information
+                and are ignored).
+            bytes_per_rank: bytes, >= 0.
+            seconds: measured wall time, >= 0 (0 is counted as rejected, not raised).
+            step: training step of the measurement, >= 0.
+
+        Raises:
+            EstimatorError: unknown ``kind``, NaN/infinite/negative numbers, ``world_size < 1``.
+        """
+        if kind not in COLLECTIVES:
+            raise EstimatorError(f"unknown collective kind {kind!r}; known: {COLLECTIVES}")
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise EstimatorError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise EstimatorError(f"step must be an int >= 0, got {step!r}")
+        for name, value in (("bytes_per_rank", bytes_per_rank), ("seconds", seconds)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise EstimatorError(f"{name} of a {kind} sample must be a finite number >= 0, got {value!r}")
+        s = self.state
+        if step > s.step_now:  # time passing re-weighs the window even if this sample is rejected
+            s.step_now, s.fitted = step, False
+        if world_size == 1:
+            s.ignored_single_rank += 1
+            return False
+        if seconds == 0:
+            s.rejected_zero_duration += 1
+            return False
+        bits = 8.0 * link_bytes(kind, world_size, float(bytes_per_rank))
+        if bits / seconds > s.max_bandwidth_bps:
+            s.rejected_too_fast += 1
+            return False
+        s.samples.append((float(latency_terms(kind, world_size)), bits, float(seconds), step))
+        del s.samples[:-s.window]
+        s.fitted = False
+        return True
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Counts of samples not fitted, by reason; ``outliers`` counts zero-weight samples of the latest fit."""
+        self.estimate()
+        s = self.state
+        return {"zero_duration": s.rejected_zero_duration, "too_fast": s.rejected_too_fast,
+                "single_rank": s.ignored_single_rank, "outliers": s.outliers}
+
+    # -- the fit ---------------------------------------------------------------------------------
+    def estimate(self) -> BandwidthEstimate:
+        """The current estimate (the prior before any accepted sample)."""
+        s = self.state
+        if not s.fitted:
+            self._fit()
+            s.fitted = True
+        return BandwidthEstimate(s.bandwidth_bps, s.latency_s, s.bandwidth_rel_stderr, s.effective_samples,
+                                 s.latency_identified)
+
+    @property
+    def bandwidth_bps(self) -> float:
+        return self.estimate().bandwidth_bps
+
+    @property
+    def latency_s(self) -> float:
+        return self.estimate().latency_s
+
+    def _fit(self) -> None:
+        s = self.state
+        data = np.asarray(s.samples, dtype=np.float64)
+        w = 0.5 ** ((s.step_now - data[:, 3]) / s.half_life_steps)
+        keep = w >= _MIN_WEIGHT
+        s.samples = [x for x, k in zip(s.samples, keep) if k]
+        data, w = data[keep], w[keep]
+        if not s.samples:  # everything forgotten: keep the last estimate, with no evidence behind it
+            s.bandwidth_rel_stderr, s.effective_samples, s.latency_identified, s.outliers = math.inf, 0.0, False, 0
+            return
+        # Rows divided by the measured time: the model reads 1 ~ alpha * T / y + beta * X / y.
+        a, b = data[:, 0] / data[:, 2], data[:, 1] / data[:, 2]
+        ca, cb = float(a.max()) or 1.0, float(b.max()) or 1.0  # (zero-byte samples only: b is all 0)
+        a, b = a / ca, b / cb  # scaled columns keep the 2x2 normal equations well conditioned
+        held_alpha, held_beta = s.latency_s * ca, cb / s.bandwidth_bps
+
+        saa, sbb = float(np.sum(w * a * a)), float(np.sum(w * b * b))
+        identifiable = saa > 0 and sbb > 0 and 1 - float(np.sum(w * a * b)) ** 2 / (saa * sbb) >= _IDENTIFIABLE_TOL
+
+        def solve(u: np.ndarray, target: np.ndarray | float = 1.0) -> tuple[float, float, bool]:
+            # weighted least squares of alpha * a + beta * b against target, physical solutions only
+            uaa, ubb, uab = float(np.sum(u * a * a)), float(np.sum(u * b * b)), float(np.sum(u * a * b))
+            ua, ub = float(np.sum(u * a * target)), float(np.sum(u * b * target))
+            det = uaa * ubb - uab * uab
+            if identifiable and det > 0:
+                alpha, beta = (ubb * ua - uab * ub) / det, (uaa * ub - uab * ua) / det
+                if alpha >= 0 and beta > 0:
+                    return alpha, beta, True
+            if ubb > 0:
+                for alpha in (held_alpha, 0.0):  # hold the known latency; if that leaves no time for bytes, none
+                    beta = (ub - alpha * uab) / ubb
+                    if beta > 0:
+                        return alpha, beta, False
+            if uaa > 0:  # only zero-byte samples: they measure latency alone
+                return max(0.0, (ua - held_beta * uab) / uaa), held_beta, False
+            return held_alpha, held_beta, False
+
+        def residuals(alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
+            q = np.maximum(alpha * a + beta * b, 1e-12)  # predicted / measured
+            return -np.log(q), q
+
+        def reweigh(base: np.ndarray, alpha: float, beta: float, iters: int, tukey: bool):
+            u, joint = base, False
+            for _ in range(iters):
+                r, q = residuals(alpha, beta)
+                t = np.abs(r) / max(1.4826 * _weighted_median(np.abs(r), base), _MIN_REL_SCALE)
+                if tukey:
+                    c = s.outlier_cutoff
+                    u = base * np.where(t < c, (1.0 - (t / c) ** 2) ** 2, 0.0)
+                else:
+                    u = base * np.minimum(1.0, _HUBER_C / np.maximum(t, 1e-300))
+                # Gauss-Newton step on the log residual: log q' ~ log q + (q' - q) / q
+                alpha, beta, joint = solve(u / q ** 2, q * (1.0 + r))
+            return alpha, beta, joint, u
+
+        # Two starts, the whole window and its last half-life; Tukey from each; keep the one with the
+        # smaller weighted median residual (least median of squares), so the estimate switches to a new
+        # link rate as soon as the new samples outweigh the old ones.
+        recent = w * (data[:, 3] >= s.step_now - s.half_life_steps)
+        best = None
+        for base in (w, recent):
+            start = solve(base)
+            start = reweigh(base, start[0], start[1], _HUBER_ITERS, tukey=False)
+            fit = reweigh(w, start[0], start[1], _TUKEY_ITERS, tukey=True)
+            lmeds = _weighted_median(np.abs(residuals(fit[0], fit[1])[0]), w)
+            if best is None or lmeds < best[0]:
+                best = (lmeds, fit)
+        alpha, beta, joint, u = best[1]
+
+        r, q = residuals(alpha, beta)
+        n_eff = float(np.sum(u)) ** 2 / float(np.sum(u * u))
+        p = 2 if joint else 1
+        rel_se = math.inf
+        if n_eff > p and float(np.sum(u * b * b)) > 0:  # (zero-byte samples say nothing about bandwidth)
+            v = u * (n_eff / float(np.sum(u)))  # the final robust weights, summing to n_eff
+            sigma2 = float(np.sum(v * r * r)) / (n_eff - p)
+            ja, jb = a / q, b / q  # Jacobian of the log residual
+            vaa, vbb, vab = float(np.sum(v * ja * ja)), float(np.sum(v * jb * jb)), float(np.sum(v * ja * jb))
+            var_beta = sigma2 * (vaa / (vaa * vbb - vab * vab) if joint else 1.0 / vbb)
+            rel_se = math.sqrt(max(var_beta, 0.0)) / beta
+        s.bandwidth_bps = cb / beta
+        s.latency_s = alpha / ca
+        s.bandwidth_rel_stderr = rel_se
+        s.effective_samples = n_eff
+        s.latency_identified = joint
+        s.outliers = int(np.sum((u == 0) & (w > 0)))

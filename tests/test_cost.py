@@ -1,0 +1,115 @@
+"""Specification of kimad.control.cost: the alpha-beta ring model, checked against hand computation."""
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kimad import KimadError
+from kimad.compressors.wire import message_bytes
+from kimad.control.cost import CostModel, CostModelError, latency_terms, link_bytes
+
+
+def test_allreduce_is_two_n_minus_one_latencies_plus_two_n_minus_one_over_n_of_the_bytes():
+    cm = CostModel(bandwidth_bps=8e9, latency_s=1e-5, world_size=4)
+    # 2*3 latencies + 2*3/4 * 1e6 bytes * 8 bits / 8e9 bits/s
+    assert cm.allreduce(1_000_000) == pytest.approx(6 * 1e-5 + 1.5e6 * 8 / 8e9, rel=1e-12)
+
+
+def test_allgather_is_n_minus_one_latencies_plus_n_minus_one_messages():
+    cm = CostModel(bandwidth_bps=8e9, latency_s=1e-5, world_size=4)
+    assert cm.allgather(1_000_000) == pytest.approx(3 * 1e-5 + 3e6 * 8 / 8e9, rel=1e-12)
+
+
+def test_link_bytes_and_latency_terms_are_the_ring_formulas():
+    assert link_bytes("allreduce", 8, 800) == pytest.approx(2 * 7 / 8 * 800)
+    assert link_bytes("allgather", 8, 800) == 7 * 800
+    assert latency_terms("allreduce", 8) == 14
+    assert latency_terms("allgather", 8) == 7
+
+
+def test_a_single_rank_communicates_nothing():
+    cm = CostModel(1e9, 1e-3, 1)
+    assert cm.allreduce(10**9) == 0.0
+    assert cm.allgather(10**9) == 0.0
+    assert cm.option_time("topk", 10**6, k=10) == 0.0
+    assert cm.option_link_bytes("dense32", 10**6) == 0.0
+    assert cm.dense_break_even_density(10**6) == 1.0
+
+
+def test_option_time_prices_dense_by_allreduce_and_the_rest_by_allgather_of_the_wire_size():
+    cm = CostModel(1e9, 2e-5, 8)
+    assert cm.option_time("dense32", 5000) == pytest.approx(cm.allreduce(4 * 5000))
+    assert cm.option_time("topk", 5000, k=50) == pytest.approx(cm.allgather(message_bytes("topk", 5000, k=50)))
+    assert cm.option_time("qsgd", 5000, bits=4) == pytest.approx(cm.allgather(message_bytes("qsgd", 5000, bits=4)))
+    assert cm.option_bytes("sign", 5000) == message_bytes("sign", 5000)
+    assert cm.option_link_bytes("topk", 5000, k=50) == 7 * message_bytes("topk", 5000, k=50)
+
+
+@given(st.integers(2, 256), st.integers(1, 10**7))
+def test_break_even_density_is_the_last_k_where_sparse_is_not_slower(n, numel):
+    cm = CostModel(1e9, 0.0, n)
+    d = cm.dense_break_even_density(numel)
+    k = round(d * numel)
+    dense = cm.option_time("dense32", numel)
+    if d > 0:
+        assert cm.option_time("topk", numel, k=k) <= dense
+    if k < numel:
+        assert cm.option_time("topk", numel, k=k + 1) > dense
+
+
+def reference_break_even(numel, n, alpha, bandwidth_bps):
+    """Largest k / numel with (n-1) alpha + (n-1) m(k) 8 / bw <= 2 (n-1) alpha + 2 (n-1)/n 4 numel 8 / bw.
+
+    Found by trying every k, with m(k) = 8 + 4 k + min(4 k, ceil(numel / 8)) bytes.
+    """
+    best = -1
+    for k in range(numel + 1):
+        m = 8 + 4 * k + min(4 * k, (numel + 7) // 8)
+        sparse = (n - 1) * alpha + (n - 1) * m * 8 / bandwidth_bps
+        dense = 2 * (n - 1) * alpha + 2 * (n - 1) / n * 4 * numel * 8 / bandwidth_bps
+        if sparse <= dense:
+            best = k
+    return max(best, 0) / numel
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 16, 64])
+@pytest.mark.parametrize("alpha", [0.0, 1e-5])
+def test_break_even_density_matches_trying_every_k(n, alpha):
+    assert CostModel(1e8, alpha, n).dense_break_even_density(5000) == reference_break_even(5000, n, alpha, 1e8)
+
+
+def test_break_even_density_falls_like_one_over_world_size():
+    numel = 10**6
+    d = {n: CostModel(1e9, 0.0, n).dense_break_even_density(numel) for n in (2, 4, 8, 16, 32, 64, 128)}
+    assert d[2] > d[4] > d[8] > d[16] > d[32] > d[64] > d[128]
+    for n in (32, 64, 128):  # int32 indices: 8 k < 8 numel / n
+        assert d[n] == pytest.approx(1 / n, rel=1e-3)
+    for n in (2, 4, 8, 16):  # bitmap: 4 k + numel / 8 < 8 numel / n
+        assert d[n] == pytest.approx(2 / n - 1 / 32, rel=1e-3)
+
+
+def test_break_even_counts_the_latencies_the_allgather_saves():
+    numel = 10**6
+    without = CostModel(1e9, 0.0, 64).dense_break_even_density(numel)
+    with_latency = CostModel(1e9, 1e-4, 64).dense_break_even_density(numel)
+    # 63 latencies fewer: alpha * bandwidth / 8 = 12,500 more bytes, 8 bytes per top-k entry with indices
+    assert with_latency == pytest.approx(without + 12_500 / 8 / numel, rel=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [dict(bandwidth_bps=0.0), dict(bandwidth_bps=math.nan), dict(latency_s=-1e-6),
+                                    dict(world_size=0), dict(world_size=2.0)])
+def test_impossible_models_raise_a_named_error(kwargs):
+    args = dict(bandwidth_bps=1e9, latency_s=1e-5, world_size=2) | kwargs
+    with pytest.raises(CostModelError):
+        CostModel(**args)
+
+
+def test_unknown_collective_and_negative_bytes_raise():
+    cm = CostModel(1e9, 1e-5, 2)
+    with pytest.raises(CostModelError):
+        cm.collective_time("broadcast", 10)
+    with pytest.raises(CostModelError):
+        cm.allreduce(-1)
+    assert issubclass(CostModelError, KimadError)

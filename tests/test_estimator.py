@@ -1,0 +1,212 @@
+"""Specification of kimad.control.estimator.BandwidthEstimator on synthetic alpha-beta links."""
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+from kimad import KimadError
+from kimad.control.estimator import BandwidthEstimator, EstimatorError
+
+
+def true_seconds(kind, n, nbytes, bandwidth_bps, latency_s):
+    """The ring alpha-beta model written out.
+
+    allreduce: 2(n-1) alpha + 2(n-1)/n D bits / bw;  allgather: (n-1) alpha + (n-1) m bits / bw.
+    """
+    if kind == "allreduce":
+        return 2 * (n - 1) * latency_s + 2 * (n - 1) / n * nbytes * 8 / bandwidth_bps
+    return (n - 1) * latency_s + (n - 1) * nbytes * 8 / bandwidth_bps
+
+
+def feed(est, rng, steps, bandwidth_bps, latency_s, n=8, start=0, noise=0.03, per_step=2, sizes=(3, 7.5)):
+    """Feed per_step samples per step of log-uniform sizes (10**sizes bytes) with lognormal noise."""
+    for step in range(start, start + steps):
+        for i in range(per_step):
+            kind = ("allreduce", "allgather")[i % 2]
+            nbytes = int(10 ** rng.uniform(*sizes))
+            seconds = true_seconds(kind, n, nbytes, bandwidth_bps, latency_s) * math.exp(rng.normal(0, noise))
+            est.add(kind, n, nbytes, seconds, step)
+
+
+def test_before_any_sample_the_estimate_is_the_prior():
+    e = BandwidthEstimator(initial_bandwidth_bps=2e9, initial_latency_s=3e-5).estimate()
+    assert (e.bandwidth_bps, e.latency_s, e.effective_samples) == (2e9, 3e-5, 0.0)
+    assert e.bandwidth_rel_stderr == math.inf
+
+
+@pytest.mark.parametrize("bandwidth_bps, latency_s, n, seed", [
+    (10e9, 20e-6, 8, 0), (1e8, 1e-3, 2, 1), (100e9, 5e-6, 64, 2), (2e8, 3e-4, 4, 3)])
+def test_converges_to_the_true_bandwidth_and_latency_on_noisy_samples_of_different_sizes(
+        bandwidth_bps, latency_s, n, seed):
+    est = BandwidthEstimator(half_life_steps=50)
+    feed(est, np.random.default_rng(seed), 100, bandwidth_bps, latency_s, n=n)
+    got = est.estimate()
+    assert got.bandwidth_bps == pytest.approx(bandwidth_bps, rel=0.05)
+    assert got.latency_s == pytest.approx(latency_s, rel=0.05)
+    assert got.latency_identified
+
+
+def test_zero_and_absurdly_fast_durations_are_rejected_and_counted():
+    est = BandwidthEstimator(max_bandwidth_bps=1e12)
+    feed(est, np.random.default_rng(0), 50, 10e9, 20e-6)
+    before = est.estimate()
+    assert not est.add("allreduce", 8, 10**6, 0.0, 49)
+    assert not est.add("allreduce", 8, 10**8, 1e-6, 49)  # 1.4 Pb/s implied
+    assert est.rejected["zero_duration"] == 1 and est.rejected["too_fast"] == 1
+    assert est.estimate() == before
+
+
+def test_a_stalled_rank_is_an_outlier_that_does_not_move_the_estimate():
+    est = BandwidthEstimator()
+    rng = np.random.default_rng(1)
+    feed(est, rng, 50, 10e9, 20e-6)
+    before = est.estimate()
+    assert est.add("allreduce", 8, 10**6, 500 * true_seconds("allreduce", 8, 10**6, 10e9, 20e-6), 50)
+    after = est.estimate()
+    assert est.rejected["outliers"] == 1
+    assert after.bandwidth_bps == pytest.approx(before.bandwidth_bps, rel=0.01)
+    assert after.latency_s == pytest.approx(before.latency_s, rel=0.01)
+
+
+def test_ten_percent_of_stalls_and_slow_spikes_still_leave_the_estimate_within_five_percent():
+    est = BandwidthEstimator()
+    rng = np.random.default_rng(2)
+    for step in range(200):
+        nbytes = int(10 ** rng.uniform(3, 7.5))
+        seconds = true_seconds("allreduce", 8, nbytes, 10e9, 20e-6) * math.exp(rng.normal(0, 0.03))
+        if step % 10 == 3:
+            seconds *= rng.uniform(3, 1000)
+        est.add("allreduce", 8, nbytes, seconds, step)
+    got = est.estimate()
+    assert got.bandwidth_bps == pytest.approx(10e9, rel=0.05)
+    assert got.latency_s == pytest.approx(20e-6, rel=0.05)
+    assert est.rejected["outliers"] >= 15
+
+
+@pytest.mark.parametrize("factor", [1 / 5, 5])
+def test_follows_a_5x_step_change_in_bandwidth_within_one_half_life(factor):
+    half_life = 20
+    est = BandwidthEstimator(half_life_steps=half_life)
+    rng = np.random.default_rng(3)
+    feed(est, rng, 200, 10e9, 20e-6)
+    feed(est, rng, half_life, 10e9 * factor, 20e-6, start=200)
+    assert est.estimate().bandwidth_bps == pytest.approx(10e9 * factor, rel=0.15)
+
+
+def test_does_not_jump_on_a_few_slow_steps_well_within_a_half_life():
+    est = BandwidthEstimator(half_life_steps=20)
+    rng = np.random.default_rng(4)
+    feed(est, rng, 200, 10e9, 20e-6)
+    feed(est, rng, 3, 2e9, 20e-6, start=200)
+    assert est.estimate().bandwidth_bps == pytest.approx(10e9, rel=0.05)
+
+
+def test_samples_of_one_size_keep_the_prior_latency_and_fit_the_bandwidth():
+    est = BandwidthEstimator(initial_latency_s=20e-6)
+    rng = np.random.default_rng(5)
+    feed(est, rng, 50, 4e9, 20e-6, per_step=1, sizes=(6, 6))  # allreduce of exactly 1 MB
+    got = est.estimate()
+    assert not got.latency_identified
+    assert got.latency_s == 20e-6
+    assert got.bandwidth_bps == pytest.approx(4e9, rel=0.05)
+
+
+def test_a_prior_latency_longer_than_the_measured_time_falls_back_to_zero_latency():
+    est = BandwidthEstimator(initial_latency_s=1.0)
+    est.add("allreduce", 8, 10**6, 0.01, 0)
+    got = est.estimate()
+    assert got.latency_s == 0.0
+    assert got.bandwidth_bps == pytest.approx(2 * 7 / 8 * 8e6 / 0.01)
+
+
+def test_zero_byte_samples_measure_latency_and_keep_the_prior_bandwidth():
+    est = BandwidthEstimator(initial_bandwidth_bps=3e9)
+    for step in range(20):
+        est.add("allgather", 5, 0, 4 * 30e-6, step)
+    got = est.estimate()
+    assert got.bandwidth_bps == 3e9
+    assert got.latency_s == pytest.approx(30e-6)
+    assert got.bandwidth_rel_stderr == math.inf
+
+
+def test_uncertainty_shrinks_with_samples_and_grows_with_noise():
+    def rel_stderr(steps, noise):
+        est = BandwidthEstimator(half_life_steps=1e9)
+        feed(est, np.random.default_rng(6), steps, 10e9, 20e-6, noise=noise)
+        return est.estimate().bandwidth_rel_stderr
+
+    assert rel_stderr(100, 0.03) < rel_stderr(10, 0.03) / 2
+    assert 2 < rel_stderr(100, 0.05) / rel_stderr(100, 0.01) < 10
+    one = BandwidthEstimator()
+    one.add("allreduce", 8, 10**6, 1e-3, 0)
+    assert one.estimate().bandwidth_rel_stderr == math.inf
+
+
+def test_effective_samples_follow_the_forgetting_half_life():
+    h = 10
+    est = BandwidthEstimator(half_life_steps=h)
+    for step in range(300):
+        nbytes = 1000 * (1 + step % 7) ** 4
+        est.add("allgather", 4, nbytes, true_seconds("allgather", 4, nbytes, 1e9, 1e-5), step)
+    q = 0.5 ** (1 / h)  # Kish count of weights q**age: (sum q^i)^2 / sum q^2i = (1 + q) / (1 - q)
+    assert est.estimate().effective_samples == pytest.approx((1 + q) / (1 - q), rel=0.02)
+
+
+def test_heavy_multiplicative_noise_leaves_no_bias_and_the_reported_uncertainty_matches_the_spread():
+    ratios, stderrs = [], []
+    for seed in range(8):
+        est = BandwidthEstimator(half_life_steps=1e9)
+        feed(est, np.random.default_rng(100 + seed), 250, 10e9, 20e-6, noise=0.3)  # timings off by +-35% (1 sigma)
+        ratios.append(est.estimate().bandwidth_bps / 10e9)
+        stderrs.append(est.estimate().bandwidth_rel_stderr)
+    assert np.mean(ratios) == pytest.approx(1.0, abs=0.015)  # a median of exp(N(0, 0.3)) is 1; its mean 1.046
+    assert 0.5 < np.std(ratios, ddof=1) / np.mean(stderrs) < 2.0
+
+
+def test_samples_forgotten_entirely_leave_the_last_estimate_with_no_evidence():
+    est = BandwidthEstimator(half_life_steps=2)
+    feed(est, np.random.default_rng(9), 10, 3e9, 20e-6)
+    before = est.estimate()
+    est.add("allreduce", 8, 10**6, 0.0, 10_000)  # rejected, but time moves on
+    after = est.estimate()
+    assert (after.bandwidth_bps, after.latency_s) == (before.bandwidth_bps, before.latency_s)
+    assert after.effective_samples == 0.0 and after.bandwidth_rel_stderr == math.inf
+
+
+def test_single_rank_samples_carry_no_information_and_are_ignored():
+    est = BandwidthEstimator(initial_bandwidth_bps=1e9)
+    assert not est.add("allreduce", 1, 10**6, 1.0, 0)
+    assert est.rejected["single_rank"] == 1
+    assert est.estimate().bandwidth_bps == 1e9
+
+
+@pytest.mark.parametrize("sample", [
+    ("allreduce", 8, 10**6, math.nan, 0), ("allreduce", 8, 10**6, -1.0, 0), ("allreduce", 8, 10**6, math.inf, 0),
+    ("allreduce", 8, -5, 1.0, 0), ("allreduce", 8, math.nan, 1.0, 0), ("allreduce", 0, 10, 1.0, 0),
+    ("broadcast", 8, 10, 1.0, 0), ("allgather", 8, 10, 1.0, -1), ("allgather", 8, 10, "1.0", 0)])
+def test_nan_negative_or_unknown_inputs_raise_a_named_error(sample):
+    with pytest.raises(EstimatorError):
+        BandwidthEstimator().add(*sample)
+    assert issubclass(EstimatorError, KimadError)
+
+
+@pytest.mark.parametrize("kwargs", [dict(initial_bandwidth_bps=0), dict(initial_latency_s=-1),
+                                    dict(half_life_steps=math.nan),
+                                    dict(window=0), dict(outlier_cutoff=-1), dict(max_bandwidth_bps=math.nan)])
+def test_bad_settings_raise_a_named_error(kwargs):
+    with pytest.raises(EstimatorError):
+        BandwidthEstimator(**kwargs)
+
+
+def test_state_dict_and_pickle_round_trip_and_continue_identically():
+    a = BandwidthEstimator(half_life_steps=15)
+    feed(a, np.random.default_rng(7), 30, 10e9, 20e-6)
+    b = BandwidthEstimator()
+    b.load_state_dict(a.state_dict())
+    c = pickle.loads(pickle.dumps(a))
+    for est in (a, b, c):
+        feed(est, np.random.default_rng(8), 5, 3e9, 20e-6, start=30)
+    assert a.estimate() == b.estimate() == c.estimate()
+    assert a.rejected == b.rejected == c.rejected
