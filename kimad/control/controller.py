@@ -1,0 +1,172 @@
+"""The Kimad controller: from measured throughput and a time budget to one step's :class:`Plan`.
+
+Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extension):
+
+1. **Monitor** -- every collective is reported with :meth:`Controller.observe_collective`
+   (kind, bytes per rank, seconds); the :class:`BandwidthEstimator` fits latency and bandwidth.
+2. **Budget** -- :class:`FixedBudget` (seconds per step) or :class:`AutoBudget` (a fraction of the
+   measured compute time, fed by :meth:`Controller.observe_compute`).
+3. **Price** -- a :class:`CostModel` built from the current estimate and the world size prices
+   every option of every tensor's menu (exact wire bytes -> seconds), with the squared error the
+   error-profile op measured for it.
+4. **Allocate** -- ``"uniform"`` (Kimad: one compression level for all tensors, the least
+   aggressive that fits), ``"layerwise"`` (Kimad+: multiple-choice knapsack minimising the sum of
+   squared errors under the budget, exact DP over ``bins`` cost bins) or ``"lagrangian"`` (its
+   convex-hull relaxation). When nothing fits, every tensor takes its cheapest option and the plan
+   says ``over_budget``; no tensor is ever dropped.
+
+The controller is framework-free (no Horovod import) and deterministic: the same profiles,
+samples and configuration give the same plan, byte for byte, in every process. Frontends must
+therefore feed every rank the same (agreed) inputs -- e.g. allreduced error profiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from kimad.control.allocate import Allocation, allocate_lagrangian, allocate_layerwise, allocate_uniform
+from kimad.control.budget import AutoBudget, FixedBudget
+from kimad.control.cost import CostModel
+from kimad.control.estimator import BandwidthEstimate, BandwidthEstimator
+from kimad.control.menu import Option, build_menu, geometric_densities
+from kimad.control.plan import Plan
+from kimad.errors import KimadError
+
+ALLOCATORS = ("layerwise", "uniform", "lagrangian")
+
+
+class ControllerError(KimadError, ValueError):
+    """The controller is misconfigured or was given profiles that do not fit its configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorProfile:
+    """What the controller must know of one tensor this step (agreed across ranks).
+
+    Attributes:
+        name: the tensor's (parameter's) name, unique in the step.
+        numel: number of elements (>= 1).
+        sq_norm: ``||v||^2`` of the error-feedback-corrected gradient.
+        topk_errors: ``||v - TopK_k(v)||^2`` for each of the controller's ``densities``, in that order.
+        qsgd_errors: squared error per QSGD bit width, needed only when ``"qsgd"`` is offered.
+        sign_error: squared error of scaled sign, needed only when ``"sign"`` is offered.
+    """
+
+    name: str
+    numel: int
+    sq_norm: float
+    topk_errors: tuple[float, ...]
+    qsgd_errors: Mapping[int, float] | None = None
+    sign_error: float | None = None
+
+
+class Controller:
+    """Turns measured throughput, a budget and per-tensor error profiles into a :class:`Plan` per step.
+
+    Args:
+        world_size: number of ranks (>= 1).
+        budget: seconds of communication per step (float > 0), ``"auto"`` (an :class:`AutoBudget`
+            with its defaults), or a :class:`FixedBudget` / :class:`AutoBudget`.
+        allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad) or ``"lagrangian"``.
+        compressors: which compressors menus offer besides dense: ``"topk"``, ``"qsgd"``, ``"sign"``.
+        densities: top-k densities of the menus (default: 16 geometric from 1e-4 to 1).
+        min_compress_numel: tensors with fewer elements are always sent dense.
+        bins: cost bins of the layerwise DP (>= 1).
+        estimator: the bandwidth estimator to use (default: a new :class:`BandwidthEstimator`).
+    """
+
+    def __init__(self, *, world_size: int, budget: float | str | FixedBudget | AutoBudget = "auto",
+                 allocator: str = "layerwise", compressors: Sequence[str] = ("topk",),
+                 densities: Sequence[float] | None = None, min_compress_numel: int = 1024, bins: int = 1000,
+                 estimator: BandwidthEstimator | None = None) -> None:
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise ControllerError(f"world_size must be an int >= 1, got {world_size!r}")
+        if allocator not in ALLOCATORS:
+            raise ControllerError(f"unknown allocator {allocator!r}; known: {ALLOCATORS}")
+        if not isinstance(bins, int) or bins < 1:
+            raise ControllerError(f"bins must be an int >= 1, got {bins!r}")
+        self.world_size = world_size
+        self.allocator = allocator
+        self.compressors = tuple(compressors)
+        self.densities = tuple(float(d) for d in (densities if densities is not None else geometric_densities()))
+        self.min_compress_numel = min_compress_numel
+        self.bins = bins
+        self.budget = _make_budget(budget)
+        self.estimator = estimator if estimator is not None else BandwidthEstimator()
+
+    # -- measurements --------------------------------------------------------------------------
+    def observe_collective(self, kind: str, bytes_per_rank: int, seconds: float, step: int) -> bool:
+        """Feed one timed collective to the estimator; returns whether the sample was accepted."""
+        return self.estimator.add(kind, self.world_size, bytes_per_rank, seconds, step)
+
+    def observe_compute(self, seconds: float) -> None:
+        """Record the step's measured compute time, seconds (drives an ``"auto"`` budget)."""
+        self.budget.observe_compute(seconds)
+
+    def estimate(self) -> BandwidthEstimate:
+        """The estimator's current bandwidth (bits/s) and latency (s)."""
+        return self.estimator.estimate()
+
+    # -- planning ------------------------------------------------------------------------------
+    def menus(self, profiles: Sequence[TensorProfile]) -> list[tuple[str, tuple[Option, ...]]]:
+        """Every tensor's priced menu under the current estimate."""
+        cost_model = CostModel.from_estimate(self.estimate(), self.world_size)
+        names = [p.name for p in profiles]
+        if len(set(names)) != len(names):
+            raise ControllerError("tensor names in one step must be unique; duplicated: "
+                                  f"{sorted({n for n in names if names.count(n) > 1})}")
+        return [
+            (p.name, build_menu(p.name, p.numel, cost_model=cost_model, densities=self.densities,
+                                topk_errors=p.topk_errors, sq_norm=p.sq_norm, qsgd_errors=p.qsgd_errors,
+                                sign_error=p.sign_error, compressors=self.compressors,
+                                min_compress_numel=self.min_compress_numel))
+            for p in profiles
+        ]
+
+    def plan(self, profiles: Sequence[TensorProfile], step: int) -> Plan:
+        """The plan of ``step`` for these tensors (in this order); see the module docstring."""
+        if not profiles:
+            raise ControllerError("a plan needs at least one tensor profile")
+        menus = self.menus(profiles)
+        budget_s = self.budget.budget_s()
+        allocation = self._allocate(menus, budget_s)
+        return Plan.from_choice(menus, list(allocation.choice), budget_s=budget_s,
+                                over_budget=allocation.over_budget, step=step, allocator=self.allocator)
+
+    def _allocate(self, menus: Sequence[tuple[str, Sequence[Option]]], budget_s: float) -> Allocation:
+        costs = [np.array([o.time_s for o in opts], dtype=np.float64) for _, opts in menus]
+        errors = [np.array([o.error for o in opts], dtype=np.float64) for _, opts in menus]
+        if math.isinf(budget_s):
+            # No limit: every tensor takes its least-error option (dense), cheapest among equals.
+            choice = tuple(int(np.lexsort((c, e))[0]) for c, e in zip(costs, errors))
+            return Allocation(choice, float(sum(c[i] for c, i in zip(costs, choice))),
+                              float(sum(e[i] for e, i in zip(errors, choice))), False, self.allocator)
+        if self.allocator == "layerwise":
+            return allocate_layerwise(costs, errors, budget_s, bins=self.bins)
+        if self.allocator == "lagrangian":
+            return allocate_lagrangian(costs, errors, budget_s)
+        levels = [np.array([o.level for o in opts], dtype=np.int64) for _, opts in menus]
+        return allocate_uniform(costs, errors, levels, budget_s)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the controller learnt (the estimator's samples and fit), as plain data."""
+        return {"estimator": self.estimator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.estimator.load_state_dict(state["estimator"])
+
+
+def _make_budget(budget: float | str | FixedBudget | AutoBudget) -> FixedBudget | AutoBudget:
+    if isinstance(budget, (FixedBudget, AutoBudget)):
+        return budget
+    if budget == "auto":
+        return AutoBudget()
+    if isinstance(budget, str):
+        raise ControllerError(f"budget must be seconds (> 0), 'auto' or a budget object, got {budget!r}")
+    return FixedBudget(budget)

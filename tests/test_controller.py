@@ -1,0 +1,137 @@
+"""Specification of kimad.control.Controller: measurements + budget + error profiles -> Plan."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kimad.control.budget import BudgetError, FixedBudget
+from kimad.control.controller import Controller, ControllerError, TensorProfile
+from kimad.control.menu import MenuError
+
+DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+
+
+def profiles(seed: int = 0) -> list[TensorProfile]:
+    """Error profiles of real top-k on heavy-tailed random tensors of very different sizes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, numel in enumerate([200_000, 50_000, 10_000, 3_000, 100]):
+        v = rng.standard_t(df=2 + i, size=numel) * (1 + i)
+        sq = np.sort(v.astype(np.float64) ** 2)[::-1]
+        total = float(sq.sum())
+        errors = tuple(float(total - sq[: min(numel, max(1, round(d * numel)))].sum()) for d in DENSITIES)
+        out.append(TensorProfile(f"layer{i}.weight", numel, total, errors))
+    return out
+
+
+def controller(allocator: str, budget_s: float, bandwidth_bps: float = 1e9, world_size: int = 4) -> Controller:
+    c = Controller(world_size=world_size, budget=budget_s, allocator=allocator, densities=DENSITIES)
+    for step in range(40):  # a clean link: latency 100 us, the given bandwidth, messages of several sizes
+        for nbytes in (10_000, 100_000, 1_000_000):
+            seconds = 2 * (world_size - 1) * 1e-4 + 8 * 2 * (world_size - 1) / world_size * nbytes / bandwidth_bps
+            c.observe_collective("allreduce", nbytes, seconds, step)
+    return c
+
+
+def test_estimate_follows_the_observed_link():
+    est = controller("layerwise", 0.01, bandwidth_bps=2e8).estimate()
+    assert est.bandwidth_bps == pytest.approx(2e8, rel=0.02)
+    assert est.latency_s == pytest.approx(1e-4, rel=0.1)
+
+
+@pytest.mark.parametrize("allocator", ["layerwise", "uniform", "lagrangian"])
+@pytest.mark.parametrize("budget_s", [0.0005, 0.002, 0.01, 1.0])
+def test_plans_respect_the_budget_unless_marked_over_budget(allocator, budget_s):
+    plan = controller(allocator, budget_s).plan(profiles(), step=3)
+    assert len(plan) == 5
+    assert plan.over_budget or plan.total_time_s <= budget_s * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("budget_s", [0.0015, 0.003, 0.006, 0.012])
+def test_layerwise_error_is_never_above_uniform_at_the_same_budget(budget_s):
+    layerwise = controller("layerwise", budget_s).plan(profiles(), step=0)
+    uniform = controller("uniform", budget_s).plan(profiles(), step=0)
+    assert not layerwise.over_budget
+    assert layerwise.total_error <= uniform.total_error * (1 + 1e-9)
+
+
+def test_a_slower_link_gives_a_sparser_plan():
+    fast = controller("layerwise", 0.005, bandwidth_bps=1e10).plan(profiles(), step=0)
+    slow = controller("layerwise", 0.005, bandwidth_bps=1e8).plan(profiles(), step=0)
+    assert slow.total_bytes < fast.total_bytes
+    assert slow.total_error > fast.total_error
+
+
+def test_an_impossible_budget_takes_the_cheapest_options_and_says_so():
+    plan = controller("layerwise", 1e-6).plan(profiles(), step=0)
+    assert plan.over_budget
+    assert len(plan) == 5  # no tensor dropped
+    assert [e.label for e in plan.entries][:4] == ["topk0.001"] * 4
+
+
+def test_tiny_tensors_are_sent_dense():
+    plan = controller("layerwise", 0.0005).plan(profiles(), step=0)
+    assert plan.entries[-1].name == "layer4.weight" and plan.entries[-1].label == "dense32"
+
+
+def test_no_budget_limit_sends_everything_dense():
+    c = Controller(world_size=4, budget="auto", densities=DENSITIES)  # no compute measured yet: max_s = inf
+    plan = c.plan(profiles(), step=0)
+    assert math.isinf(plan.budget_s)
+    assert all(e.label == "dense32" for e in plan.entries) and plan.total_error == 0
+
+
+def test_auto_budget_follows_measured_compute():
+    c = controller("layerwise", 1.0)
+    c.budget = Controller(world_size=4, budget="auto").budget
+    for _ in range(5):
+        c.observe_compute(0.004)
+    assert c.plan(profiles(), step=0).budget_s == pytest.approx(0.002)
+
+
+def test_the_same_inputs_give_the_same_plan_in_another_process():
+    digest = controller("layerwise", 0.003).plan(profiles(), step=7).digest()
+    code = ("import tests.test_controller as t; "
+            "print(t.controller('layerwise', 0.003).plan(t.profiles(), step=7).digest())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == digest
+
+
+def test_state_dict_restores_the_estimate():
+    a = controller("layerwise", 0.003, bandwidth_bps=3e8)
+    b = Controller(world_size=4, budget=0.003, densities=DENSITIES)
+    b.load_state_dict(a.state_dict())
+    assert b.plan(profiles(), step=1).digest() == a.plan(profiles(), step=1).digest()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(world_size=0), ControllerError, "world_size"),
+    (dict(world_size=2, allocator="greedy"), ControllerError, "unknown allocator"),
+    (dict(world_size=2, budget=-1.0), BudgetError, ""),
+    (dict(world_size=2, budget="fast"), ControllerError, "budget must be"),
+    (dict(world_size=2, bins=0), ControllerError, "bins"),
+])
+def test_bad_configuration_raises_named_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Controller(**kwargs)
+
+
+def test_profiles_that_do_not_fit_the_density_grid_raise():
+    bad = TensorProfile("fc.weight", 5000, 1.0, (0.5, 0.2))
+    with pytest.raises(MenuError, match="fc.weight"):
+        controller("layerwise", 0.01).plan([bad], step=0)
+
+
+def test_unknown_compressor_raises():
+    c = Controller(world_size=2, budget=0.01, compressors=("zip",))
+    with pytest.raises(MenuError, match="unknown compressor"):
+        c.plan(profiles(), step=0)
+
+
+def test_fixed_budget_object_is_accepted():
+    assert Controller(world_size=2, budget=FixedBudget(0.02)).budget.budget_s() == 0.02
