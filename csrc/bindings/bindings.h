@@ -7,6 +7,7 @@ namespace kimad {
 namespace bindings {
 
 void bind_accumulate(pybind11::module_& m);
+void bind_knapsack(pybind11::module_& m);
 // (each new op family adds its bind_* declaration above this line)
 
 }  // namespace bindings
