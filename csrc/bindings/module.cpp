@@ -28,5 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "What this build of kimad._C contains: {'cuda': bool, 'openmp': bool, 'cpu_threads': int}.");
   kimad::bindings::bind_accumulate(m);
   kimad::bindings::bind_topk(m);
+  kimad::bindings::bind_knapsack(m);
   // (each new op family adds its bind_* call above this line)
 }
