@@ -81,6 +81,13 @@ def _error(name: str, what: str, value: float) -> float:
     return value
 
 
+def _topk_label(density: float, grid: Sequence[float]) -> str:
+    """``topk<density>`` with 6 significant digits, or all of them when that would clash in the grid."""
+    short = f"{density:.6g}"
+    clash = sum(f"{d:.6g}" == short for d in grid) > 1
+    return f"topk{density!r}" if clash else f"topk{short}"
+
+
 def build_menu(name: str, numel: int, *, cost_model: CostModel, densities: Sequence[float],
                topk_errors: Sequence[float], sq_norm: float, qsgd_errors: Mapping[int, float] | None = None,
                sign_error: float | None = None, compressors: Sequence[str] = ("topk",),
@@ -131,7 +138,7 @@ def build_menu(name: str, numel: int, *, cost_model: CostModel, densities: Seque
                 raise MenuError(f"tensor {name!r}: top-k error {err!r} at density {d:g} exceeds "
                                 f"||g||^2 = {sq_norm!r}; errors and norm must come from the same gradient")
             k = min(numel, max(1, round(d * numel)))
-            options.append(option(f"topk{d:.6g}", MessageFormat.TOPK, level, err, k=k))
+            options.append(option(_topk_label(d, densities), MessageFormat.TOPK, level, err, k=k))
             level += 1
     if "qsgd" in compressors:
         if not qsgd_errors or any(b not in qsgd_errors for b in QSGD_BITS):
