@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
+
+from kimad.bench.machine import describe_cpu
 
 from kimad.control.allocate import allocate_lagrangian, allocate_layerwise, allocate_uniform
 
@@ -47,13 +47,7 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, numpy {np.__version__}, Python {platform.python_version()}"
+    return f"{describe_cpu()}, numpy {np.__version__}"
 
 
 def model_menus(tensors: int, options: int, seed: int):

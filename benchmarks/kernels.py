@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from kimad.bench.machine import cpu_model
 from kimad.ops import error_profile, sparse_accumulate, topk_encode
 
 
@@ -49,13 +49,7 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> f
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def bench_decode(d: int, density: float, ranks: int, repeats: int, device: torch.device) -> dict:
