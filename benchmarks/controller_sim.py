@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from kimad import ops
+from kimad.bench.machine import cpu_model
 from kimad.compressors.wire import MessageFormat, message_bytes
 from kimad.control import BandwidthEstimator, Controller, CostModel, TensorProfile
 from kimad.control.cost import latency_terms
@@ -56,13 +56,7 @@ SEED = 0
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 # -- real gradients ----------------------------------------------------------------------------------
@@ -331,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="simulated steps (default 60)")
     parser.add_argument("--recorded", type=int, default=8, help="real training steps recorded per model (default 8)")
     parser.add_argument("--static-density", type=float, default=0.01, help="density of the static top-k (default 0.01)")
-    parser.add_argument("--half-life", type=float, default=50.0,
-                        help="the estimator's half_life_steps (default 50, BandwidthEstimator's default)")
+    parser.add_argument("--half-life", type=float, default=5.0,
+                        help="the estimator's half_life_steps (default 5, BandwidthEstimator's default)")
     parser.add_argument("--out", type=Path, default=Path("runs/controller_sim"), help="directory of the PNGs")
     parser.add_argument("--json", type=Path, default=None, help="write the summary rows here")
     args = parser.parse_args(argv)

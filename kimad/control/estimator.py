@@ -76,7 +76,7 @@ class EstimatorState:
 
     initial_bandwidth_bps: float = 1e9
     initial_latency_s: float = 50e-6
-    half_life_steps: float = 50.0
+    half_life_steps: float = 5.0
     window: int = 512
     max_bandwidth_bps: float = 1e13
     outlier_cutoff: float = 5.0
@@ -121,7 +121,7 @@ class BandwidthEstimator:
     """
 
     def __init__(self, *, initial_bandwidth_bps: float = 1e9, initial_latency_s: float = 50e-6,
-                 half_life_steps: float = 50.0, window: int = 512, max_bandwidth_bps: float = 1e13,
+                 half_life_steps: float = 5.0, window: int = 512, max_bandwidth_bps: float = 1e13,
                  outlier_cutoff: float = 5.0) -> None:
         if not math.isfinite(float(initial_latency_s)) or initial_latency_s < 0:
             raise EstimatorError(f"initial_latency_s must be a finite number >= 0 seconds, got {initial_latency_s!r}")
