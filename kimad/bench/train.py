@@ -1,6 +1,7 @@
 """Data-parallel training of the digits CNN under Horovod; run it with horovodrun.
 
     horovodrun -np 2 -H localhost:2 --gloo python -m kimad.bench.train --epochs 2
+    horovodrun -np 2 -H localhost:2 --gloo python -m kimad.bench.train --compression kimad --budget auto
 
 Each rank trains on its shard; gradients are averaged by ``hvd.DistributedOptimizer`` with
 the chosen ``--compression``. Rank 0 shows a progress bar and prints, per epoch, the test
@@ -24,8 +25,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch size (default: 32)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    p.add_argument("--compression", choices=("none", "fp16"), default="none",
-                   help="Horovod's gradient compression (default: none)")
+    p.add_argument("--compression", choices=("none", "fp16", "kimad"), default="none",
+                   help="Horovod's gradient compression, or Kimad's adaptive one (default: none)")
+    p.add_argument("--budget", default="auto",
+                   help="kimad: communication budget per step, seconds, or 'auto' (default: auto)")
+    p.add_argument("--allocator", choices=("layerwise", "uniform", "lagrangian"), default="layerwise",
+                   help="kimad: layerwise (Kimad+) or uniform (Kimad) (default: layerwise)")
+    p.add_argument("--density", type=float, default=1e-4,
+                   help="kimad: sparsest top-k density of the menus' geometric grid (default: 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data split and shuffling (default: 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (default: 1)")
     p.add_argument("--log-every", type=int, default=20,
@@ -36,6 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.lr > 0:
         p.error("--lr must be > 0")
+    if args.budget != "auto":
+        try:
+            args.budget = float(args.budget)
+        except ValueError:
+            p.error(f"--budget must be seconds or 'auto', got {args.budget!r}")
+        if not args.budget > 0:
+            p.error("--budget must be > 0 seconds")
+    if not 0 < args.density <= 1:
+        p.error("--density must be in (0, 1]")
     return args
 
 
@@ -59,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model = DigitsCNN()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
+    if args.compression == "kimad":
+        from kimad.control import geometric_densities
+        from kimad.horovod import Kimad
+
+        compression = Kimad(model.named_parameters(), budget_s=args.budget, allocator=args.allocator,
+                            densities=geometric_densities(lo=args.density), log_every=args.log_every)
+    else:
+        compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
@@ -94,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": args.epochs, "steps": len(step_times), "test_accuracy": round(acc, 4),
             "median_step_ms": round(statistics.median(step_times) * 1e3, 2),
             "wall_s": round(time.perf_counter() - started, 2),
+            **({"kimad_budget_s": compression.metrics["budget_s"], "kimad_bytes": compression.metrics["actual_bytes"],
+                "dense_bytes": 4 * sum(q.numel() for q in model.parameters())}
+               if args.compression == "kimad" else {}),
         }), flush=True)
     hvd.shutdown()
     return 0

@@ -1,0 +1,123 @@
+"""The top-k wire codec: one tensor's top-k message <-> exactly ``message_bytes("topk", n, k=k)`` bytes.
+
+Layout (see :mod:`kimad.compressors.wire`), little-endian:
+
+* 8-byte header: uint32 ``k``, uint8 index kind (0 = int32 indices, 1 = bitmap), 3 zero bytes;
+* ``k`` float32 values, in ascending order of their positions;
+* the positions: ``k`` int32 indices (ascending), or an ``n``-bit bitmap (bit ``i`` of byte ``j``
+  is position ``8 j + i``, least significant bit first; padding bits zero), whichever
+  :func:`~kimad.compressors.wire.topk_uses_bitmap` says.
+
+Pure torch ops (bitmaps are packed with a reshape to rows of 8 bits and a dot with the bit
+weights), so the codec runs on the tensor's device and needs no native code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kimad.compressors.wire import HEADER_BYTES, message_bytes, topk_uses_bitmap
+from kimad.errors import CorruptMessageError, KimadError
+
+INDEX_KIND_INT32 = 0
+INDEX_KIND_BITMAP = 1
+
+if sys.byteorder != "little":  # the wire is little-endian and values are reinterpreted in place
+    raise ImportError("kimad.compressors.topk supports little-endian machines only")
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return (2 ** torch.arange(8, dtype=torch.int32, device=device))
+
+
+def _header(k: int, kind: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(int(k).to_bytes(4, "little")) + [kind, 0, 0, 0], dtype=torch.uint8, device=device)
+
+
+def encode_topk(values: torch.Tensor, indices: torch.Tensor, n: int, *, name: str = "tensor") -> torch.Tensor:
+    """Pack a top-k message of a tensor of ``n`` elements.
+
+    Args:
+        values: 1-D float32 tensor of the ``k`` sent values (other float dtypes are converted).
+        indices: 1-D int32/int64 tensor of their ``k`` flat positions, strictly ascending, in ``[0, n)``.
+        n: number of elements of the tensor.
+        name: the tensor's name, for error messages.
+
+    Returns:
+        A 1-D uint8 tensor of exactly ``message_bytes("topk", n, k=k)`` bytes, on ``values``' device.
+
+    Raises:
+        KimadError: shapes or dtypes do not fit, or ``k > n``.
+    """
+    if values.dim() != 1 or indices.dim() != 1 or values.numel() != indices.numel():
+        raise KimadError(f"top-k message for {name!r}: values and indices must be 1-D of equal length, got "
+                         f"{tuple(values.shape)} and {tuple(indices.shape)}")
+    if not values.is_floating_point() or indices.dtype not in (torch.int32, torch.int64):
+        raise KimadError(f"top-k message for {name!r}: values must be float and indices int32/int64, got "
+                         f"{values.dtype} and {indices.dtype}")
+    k = values.numel()
+    if not 0 <= k <= n:
+        raise KimadError(f"top-k message for {name!r}: k={k:,} entries for a tensor of n={n:,}")
+    device = values.device
+    body = values.detach().to(torch.float32).contiguous().view(torch.uint8)
+    if topk_uses_bitmap(n, k):
+        bits = torch.zeros(((n + 7) // 8) * 8, dtype=torch.int32, device=device)
+        bits[indices.long()] = 1
+        positions = (bits.view(-1, 8) * _bit_weights(device)).sum(dim=1).to(torch.uint8)
+        kind = INDEX_KIND_BITMAP
+    else:
+        positions = indices.to(torch.int32).contiguous().view(torch.uint8)
+        kind = INDEX_KIND_INT32
+    out = torch.cat([_header(k, kind, device), body, positions])
+    if out.numel() != message_bytes("topk", n, k=k):  # the wire module is the source of truth
+        raise KimadError(f"top-k message for {name!r} packed to {out.numel():,} bytes, the wire format says "
+                         f"{message_bytes('topk', n, k=k):,}; this is a bug in kimad.compressors.topk")
+    return out
+
+
+def decode_topk(message: torch.Tensor, n: int, *, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack :func:`encode_topk`'s bytes for a tensor of ``n`` elements.
+
+    Returns:
+        ``(values, indices)``: 1-D float32 and int32 tensors of ``k`` entries, indices ascending.
+
+    Raises:
+        CorruptMessageError: wrong length for its ``k``, an index kind that does not match ``(n, k)``,
+            nonzero padding, a bitmap whose popcount is not ``k``, or indices not ascending in ``[0, n)``.
+    """
+    if message.dtype != torch.uint8 or message.dim() != 1:
+        raise KimadError(f"top-k message for {name!r} must be a 1-D uint8 tensor, got {message.dtype} "
+                         f"{tuple(message.shape)}")
+    if message.numel() < HEADER_BYTES:
+        raise CorruptMessageError(f"top-k message for {name!r} has {message.numel()} bytes, less than its header")
+    header = message[:HEADER_BYTES].tolist()
+    k = int.from_bytes(bytes(header[:4]), "little")
+    kind = header[4]
+    if k > n:
+        raise CorruptMessageError(f"top-k message for {name!r} says k={k:,} but the tensor has {n:,} elements")
+    if message.numel() != message_bytes("topk", n, k=k):
+        raise CorruptMessageError(f"top-k message for {name!r} has {message.numel():,} bytes; k={k:,} of "
+                                  f"n={n:,} needs {message_bytes('topk', n, k=k):,}")
+    expected_kind = INDEX_KIND_BITMAP if topk_uses_bitmap(n, k) else INDEX_KIND_INT32
+    if kind != expected_kind or any(header[5:]):
+        raise CorruptMessageError(f"top-k message for {name!r}: header {header} does not match k={k:,}, n={n:,} "
+                                  f"(index kind must be {expected_kind}, padding zero)")
+    body = message[HEADER_BYTES:]
+    values = body[: 4 * k].clone().view(torch.float32)
+    positions = body[4 * k:]
+    if kind == INDEX_KIND_BITMAP:
+        bits = (positions.to(torch.int32).unsqueeze(1) & _bit_weights(message.device)).ne(0).view(-1)
+        if bool(bits[n:].any()):
+            raise CorruptMessageError(f"top-k message for {name!r}: bitmap padding bits past n={n:,} are set")
+        indices = bits[:n].nonzero().view(-1).to(torch.int32)
+        if indices.numel() != k:
+            raise CorruptMessageError(f"top-k message for {name!r}: bitmap marks {indices.numel():,} positions, "
+                                      f"header says k={k:,}")
+    else:
+        indices = positions.clone().view(torch.int32)
+        if k and (int(indices[0]) < 0 or int(indices[-1]) >= n or bool((indices[1:] <= indices[:-1]).any())):
+            raise CorruptMessageError(f"top-k message for {name!r}: indices are not strictly ascending in "
+                                      f"[0, {n:,})")
+    return values, indices

@@ -1,0 +1,108 @@
+"""Error feedback: the per-tensor state that makes biased compressors (top-k) converge.
+
+Three modes, state kept per tensor NAME in float32 (created as zeros on first use):
+
+``"ef21"`` (default; Richtarik et al. 2021) -- each rank keeps a local estimate ``h`` of its own
+    gradient and sends a compressed correction of ``v = g - h``; ``h += C(v)``. Every rank also
+    keeps the global estimate ``H`` (identical on all ranks) and adds the aggregated correction
+    ``c`` to it: ``H += c``. The optimizer sees ``H``.
+``"ef"`` (classic error feedback, Seide et al. 2014) -- each rank keeps the residual ``e`` of what
+    it did not send: ``v = g + e``, sends ``C(v)``, ``e = v - C(v)``. The optimizer sees ``c``.
+``None`` -- no state: ``v = g``; the optimizer sees ``c``.
+
+For a tensor sent dense this step the message is ``v`` itself: EF21 ``h += v``, EF ``e = 0``.
+Top-k messages update the local state inside :func:`kimad.ops.topk_encode` (one fused pass).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimad import ops
+from kimad.errors import KimadError
+
+MODES = ("ef21", "ef", None)
+
+
+class FeedbackError(KimadError, ValueError):
+    """An unknown error-feedback mode or a state that does not fit its tensor."""
+
+
+class ErrorFeedback:
+    """The error-feedback states of one rank, per tensor name.
+
+    Args:
+        mode: ``"ef21"``, ``"ef"`` or ``None`` (see the module docstring).
+    """
+
+    def __init__(self, mode: str | None = "ef21") -> None:
+        if mode not in MODES:
+            raise FeedbackError(f"unknown error_feedback {mode!r}; known: {MODES}")
+        self.mode = mode
+        self.local: dict[str, torch.Tensor] = {}  # h (EF21) or e (EF)
+        self.global_estimate: dict[str, torch.Tensor] = {}  # H (EF21 only)
+
+    def _state(self, store: dict[str, torch.Tensor], name: str, grad: torch.Tensor) -> torch.Tensor:
+        state = store.get(name)
+        if state is None:
+            state = store[name] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+        elif state.numel() != grad.numel():
+            raise FeedbackError(f"tensor {name!r} has {grad.numel():,} elements but its error-feedback state "
+                                f"has {state.numel():,}; was the model changed after training started?")
+        return state
+
+    def local_state(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The state :func:`kimad.ops.topk_encode` / ``error_profile`` take (a fresh zero tensor for ``None``)."""
+        if self.mode is None:
+            return torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+        return self._state(self.local, name, grad)
+
+    @property
+    def ops_mode(self) -> str:
+        """The ``mode`` of the native ops: ``"ef21"`` subtracts the state, ``"ef"`` adds it (zero for ``None``)."""
+        return "ef21" if self.mode == "ef21" else "ef"
+
+    def correct(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """``v``: ``g - h`` (EF21), ``g + e`` (EF) or ``g`` (None), as a new float32 tensor of ``grad``'s shape."""
+        v = grad.detach().to(torch.float32).contiguous().clone()
+        if self.mode == "ef21":
+            v -= self._state(self.local, name, grad).view_as(v)
+        elif self.mode == "ef":
+            v += self._state(self.local, name, grad).view_as(v)
+        return v
+
+    def sent_dense(self, name: str, v: torch.Tensor) -> None:
+        """Record that ``v`` (from :meth:`correct`) was sent uncompressed: EF21 ``h += v``; EF ``e = 0``."""
+        if self.mode == "ef21":
+            self._state(self.local, name, v).view_as(v).add_(v)
+        elif self.mode == "ef":
+            self._state(self.local, name, v).zero_()
+
+    def estimate(self, name: str, aggregate: torch.Tensor) -> torch.Tensor:
+        """What the optimizer sees given this step's aggregated message ``c`` (float32): EF21 ``H += c`` and a
+        copy of ``H``; otherwise ``c`` itself."""
+        if self.mode != "ef21":
+            return aggregate
+        estimate = self._state(self.global_estimate, name, aggregate)
+        estimate.view_as(aggregate).add_(aggregate)
+        return estimate.clone().view_as(aggregate)
+
+    def state_dict(self) -> dict:
+        """Copies of every state tensor, per name."""
+        return {"mode": self.mode, "local": {k: v.clone() for k, v in self.local.items()},
+                "global_estimate": {k: v.clone() for k, v in self.global_estimate.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (its mode must match this object's)."""
+        if state["mode"] != self.mode:
+            raise FeedbackError(f"checkpoint holds error_feedback={state['mode']!r} state, this run uses {self.mode!r}")
+        self.local = {k: v.clone().to(torch.float32) for k, v in state["local"].items()}
+        self.global_estimate = {k: v.clone().to(torch.float32) for k, v in state["global_estimate"].items()}
+
+    def encode_topk(self, name: str, grad: torch.Tensor, k: int) -> ops.TopKMessage:
+        """Top-k message of ``v`` with the local state updated in place (:func:`kimad.ops.topk_encode`)."""
+        return ops.topk_encode(grad, self.local_state(name, grad), k, mode=self.ops_mode, name=name)
+
+    def error_profile(self, name: str, grad: torch.Tensor, ks: list[int]) -> tuple[list[float], float]:
+        """``(errors, sq_norm)`` of ``v`` for each k (:func:`kimad.ops.error_profile`); the state is unchanged."""
+        return ops.error_profile(grad, self.local_state(name, grad), ks, mode=self.ops_mode, name=name)

@@ -1,0 +1,459 @@
+"""Kimad as a compression plugin of an unpatched Horovod (``horovod.torch``, tested with 0.28.1 / Gloo).
+
+Usage::
+
+    import horovod.torch as hvd, kimad
+    hvd.init()
+    compression = kimad.Kimad(model.named_parameters(), budget_s=0.05, allocator="layerwise",
+                              compressors=("topk",), error_feedback="ef21")
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
+
+or ``kimad.horovod.DistributedOptimizer(opt, named_parameters=..., budget_s=..., ...)``, which does both.
+
+How it fits Horovod's compression interface
+-------------------------------------------
+Horovod calls ``compress(tensor)`` once per gradient (from its backward hooks, or from
+``optimizer.synchronize()`` for gradients not yet submitted), allreduces what it returns, and only
+after every ``compress`` of the step calls ``decompress(output, ctx)`` for each gradient. Kimad
+needs all gradients at once (one plan for the whole step), so:
+
+1. ``compress(tensor)`` finds the parameter's name by identity (``tensor is p.grad`` over the
+   named parameters given to :class:`Kimad`), stashes the gradient and returns an EMPTY tensor:
+   Horovod's own allreduce then costs only its latency (0-element allreduces work in 0.28.1).
+2. The first ``decompress`` of a step runs the whole Kimad step for all stashed gradients, in the
+   order of ``named_parameters`` (the same on every rank, so every rank issues the same collectives
+   in the same order and nothing deadlocks):
+
+   a. error feedback (:mod:`kimad.feedback`) forms ``v`` per tensor (EF21 ``g - h``, EF ``g + e``, or ``g``);
+   b. :func:`kimad.ops.error_profile` gives ``||v||^2`` and the top-k errors at the controller's densities;
+   c. ONE float64 allreduce (Average, name ``kimad.agree``) of all profiles plus this rank's timings of
+      the previous step's allgather and allreduce (not of this agree allreduce: ranks meet there, so it
+      absorbs their compute skew) and its compute time: every rank feeds the same averaged
+      samples to the :class:`~kimad.control.Controller` and plans from the same averaged profiles, so
+      the plans are identical (:meth:`~kimad.control.Plan.digest`);
+   d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
+      state) into the exact wire format of :mod:`kimad.compressors.topk`; dense tensors (``v``) are
+      concatenated into one float32 buffer;
+   e. ONE allgather (``kimad.sparse``) of this rank's sparse messages, prefixed by the first 8 bytes
+      of the plan digest, then ONE Sum allreduce (``kimad.dense``) of the dense buffer. Each is timed
+      from submission to completion; its bytes per rank are exact. Kimad's collectives do not overlap
+      the backward pass (they run after it), so these timings are honest throughput samples;
+   f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
+      ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs);
+   g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_accumulate` into
+      the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average); dense tensors come from the
+      allreduce. EF21: the optimizer sees the global estimate ``H += c``; EF / None: it sees ``c``.
+3. ``decompress`` returns the tensor's result, reshaped and cast to the gradient's dtype.
+
+Budget and batching: the cost model prices every tensor as its own collective (one latency each),
+but Kimad sends a whole step in one allgather and one allreduce. So the controller is given the
+user's budget plus a latency credit: the latencies the priced plan charges beyond the two collectives
+actually issued (every tensor pays at least one allgather latency, or an allreduce latency when it
+can only go dense; minus one of each). Without it a model of many tensors looks latency-bound and is
+compressed far more than the measured link requires. The ``kimad.agree`` allreduce is overhead
+outside the budget. With one rank nothing crosses a link: every plan is dense.
+
+Reduction op: read from the calling ``DistributedOptimizer`` (``self.op`` of the frame that calls
+``compress``), falling back to ``Kimad(op=...)`` (default Average). Average and Sum are supported
+(Adasum is not). ``gradient_predivide_factor`` only scales Horovod's allreduce of the empty tensor;
+Kimad averages exactly (``1 / size``), so the factor cancels out for Average as it does in Horovod.
+
+Gradients are consumed as Horovod hands them over: with ``backward_passes_per_step > 1`` Horovod
+accumulates locally and calls ``compress`` once. Frozen parameters never reach ``compress``; a
+parameter without a gradient is given a zero one by Horovod. Process sets other than the global one
+are not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from kimad import ops
+from kimad.compressors.topk import decode_topk, encode_topk
+from kimad.compressors.wire import MessageFormat
+from kimad.control import AutoBudget, BandwidthEstimator, Controller, Plan, TensorProfile
+from kimad.control.cost import latency_terms
+from kimad.errors import KimadError
+from kimad.feedback import ErrorFeedback
+
+SUPPORTED_COMPRESSORS = ("topk",)
+DIGEST_PREFIX_BYTES = 8
+_STATE_VERSION = 1
+
+
+class PlanMismatchError(KimadError, RuntimeError):
+    """Ranks computed different plans for one step (their digests differ); the step is abandoned."""
+
+
+class UnknownGradientError(KimadError, LookupError):
+    """``compress`` was given a tensor that is not the ``.grad`` of any parameter registered with Kimad."""
+
+
+class _LatencyCredit:
+    """The user's budget (seconds) plus ``credit_s``, the per-tensor latencies that batching does not pay."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.credit_s = 0.0
+
+    def observe_compute(self, seconds: float) -> None:
+        self.inner.observe_compute(seconds)
+
+    def budget_s(self) -> float:
+        return self.inner.budget_s() + self.credit_s
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    name: str
+    step: int
+
+
+def _horovod():
+    try:
+        import horovod.torch as hvd
+    except ImportError as exc:
+        raise KimadError(f"kimad.Kimad needs horovod.torch ({exc}); install Horovod with Gloo or MPI") from None
+    return hvd
+
+
+class Kimad:
+    """Horovod compression plugin running Kimad's bandwidth-aware adaptive compression (module docstring).
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, usually ``model.named_parameters()``; the same
+            names and order on every rank.
+        budget_s: seconds of communication per step (> 0), or ``"auto"`` (a fraction of compute time).
+        allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad) or ``"lagrangian"``.
+        compressors: besides dense, which compressors plans may use; only ``"topk"`` for now.
+        error_feedback: ``"ef21"`` (default), ``"ef"`` or ``None``.
+        densities: top-k densities the menus offer (default: 16 geometric from 1e-4 to 1).
+        min_compress_numel: tensors with fewer elements are always sent dense.
+        op: reduction when it cannot be read from the calling optimizer: ``hvd.Average`` (default) or ``hvd.Sum``.
+        bandwidth_bps, latency_s: a fixed link model (bits/s, seconds) instead of learning it from timed
+            collectives; plans then depend only on gradients and budget (reproducible runs).
+        metrics_path: append one JSON line of :attr:`metrics` per step (rank 0 only, unless the path
+            contains ``{rank}``).
+        log_every: rank 0 prints a summary line every this many steps (0: never).
+
+    Raises:
+        KimadError (a named subclass): unknown allocator, compressor or error feedback, bad budget.
+    """
+
+    def __init__(self, named_parameters: Iterable, *, budget_s: float | str = "auto", allocator: str = "layerwise",
+                 compressors: Iterable[str] = ("topk",), error_feedback: str | None = "ef21",
+                 densities: Iterable[float] | None = None, min_compress_numel: int = 1024, op=None,
+                 bandwidth_bps: float | None = None, latency_s: float | None = None,
+                 metrics_path: str | None = None, log_every: int = 0) -> None:
+        compressors = tuple(compressors)
+        unknown = [c for c in compressors if c not in SUPPORTED_COMPRESSORS]
+        if unknown:
+            raise KimadError(f"compressor(s) {unknown} are not supported by the Horovod plugin; "
+                             f"supported: {SUPPORTED_COMPRESSORS}")
+        if isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool) and not budget_s > 0:
+            raise KimadError(f"budget_s must be > 0 seconds or 'auto', got {budget_s!r}")
+        if not isinstance(log_every, int) or log_every < 0:
+            raise KimadError(f"log_every must be an int >= 0 steps, got {log_every!r}")
+        self._feedback = ErrorFeedback(error_feedback)
+        hvd = _horovod()
+        self._hvd = hvd
+        self.world_size = hvd.size()
+        self.rank = hvd.rank()
+        self.fixed_link = bandwidth_bps is not None
+        estimator = None
+        if self.fixed_link:
+            estimator = BandwidthEstimator(initial_bandwidth_bps=bandwidth_bps,
+                                           initial_latency_s=latency_s if latency_s is not None else 50e-6)
+        elif latency_s is not None:
+            raise KimadError("latency_s is only used with bandwidth_bps (a fixed link model)")
+        self.controller = Controller(world_size=self.world_size, budget=budget_s, allocator=allocator,
+                                     compressors=compressors, densities=densities,
+                                     min_compress_numel=min_compress_numel, estimator=estimator)
+        self.budget = self.controller.budget  # the user's: FixedBudget or AutoBudget
+        self.controller.budget = _LatencyCredit(self.budget)
+        if op is None:
+            op = hvd.Average
+        self._check_op(op)
+        self._default_op = op
+        self._params: list[tuple[str, torch.nn.Parameter]] = []
+        seen: set[int] = set()
+        for item in named_parameters:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise KimadError(f"named_parameters must yield (name, parameter) pairs, got {item!r}")
+            if id(item[1]) not in seen:  # a tied parameter is one tensor: keep its first name
+                seen.add(id(item[1]))
+                self._params.append(item)
+        self._order = {name: i for i, (name, _) in enumerate(self._params)}
+        self._grad_names: dict[int, str] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._results: dict[str, torch.Tensor] = {}
+        self._op = None
+        self.step = 0
+        self._last_end: float | None = None
+        self._last_samples: list[tuple[str, int, float]] = []  # (kind, bytes per rank, seconds) of the last step
+        self.metrics: dict = {}
+        self.metrics_path = metrics_path
+        self.log_every = log_every
+
+    # -- Horovod's Compressor interface --------------------------------------------------------
+    def compress(self, tensor: torch.Tensor):
+        """Stash ``tensor`` (a registered parameter's ``.grad``) for this step; returns ``(empty tensor, ctx)``."""
+        owner, param = self._caller()
+        op = self._default_op if getattr(owner, "op", None) is None else owner.op
+        self._check_op(op)
+        name = self._name_of(tensor, param)
+        if self._pending and op != self._op:
+            raise KimadError(f"gradient {name!r} is reduced with op {op!r}, others this step with {self._op!r}")
+        self._op = op
+        self._pending[name] = tensor
+        return tensor.new_zeros(0), _Ctx(name, self.step)
+
+    def decompress(self, tensor: torch.Tensor, ctx: _Ctx | None) -> torch.Tensor:
+        """The aggregated gradient of ``ctx``'s tensor; the first call of a step runs the Kimad step.
+
+        ``ctx`` is ``None`` for sparse gradients, which Horovod reduces itself without ``compress``:
+        they are returned as they are.
+        """
+        if ctx is None:
+            return tensor
+        if ctx.name not in self._results:
+            if not self._pending:
+                raise KimadError(f"decompress of {ctx.name!r} without a matching compress this step")
+            self._run_step()
+        return self._results.pop(ctx.name)
+
+    # -- lookup --------------------------------------------------------------------------------
+    def _name_of(self, tensor: torch.Tensor, param=None) -> str:
+        name = self._grad_names.get(id(tensor))
+        if name is not None and self._params[self._order[name]][1].grad is tensor:
+            return name
+        # Gradients are new objects after zero_grad(set_to_none=True): rebuild the identity map.
+        self._grad_names = {id(p.grad): n for n, p in self._params if p.grad is not None}
+        name = self._grad_names.get(id(tensor))
+        if name is None or self._params[self._order[name]][1].grad is not tensor:
+            # sparse_as_dense hands over a dense copy: the calling optimizer's `p` still names it.
+            for n, q in self._params:
+                if param is not None and q is param and tensor.shape == q.shape:
+                    return n
+            raise UnknownGradientError(
+                f"compress got a tensor of shape {tuple(tensor.shape)} that is not the .grad of any of the "
+                f"{len(self._params)} parameters given to kimad.Kimad; pass the same named_parameters to "
+                "Kimad and to hvd.DistributedOptimizer")
+        return name
+
+    def _check_op(self, op) -> None:
+        if op not in (self._hvd.Average, self._hvd.Sum):
+            raise KimadError(f"Kimad supports op=hvd.Average or hvd.Sum, got {op!r}")
+
+    def _caller(self):
+        """``(optimizer, parameter)`` of the Horovod optimizer calling ``compress`` (``_allreduce_grad_async(self, p)``,
+        or a list comprehension inside ``_grouped_allreduce_grad_async``), or ``(None, None)`` when called otherwise."""
+        frame = sys._getframe(2)
+        for _ in range(3):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if getattr(owner, "_compression", None) is self:
+                return owner, frame.f_locals.get("p")
+            frame = frame.f_back
+        return None, None
+
+    # -- one step --------------------------------------------------------------------------------
+    def _ks(self, numel: int) -> list[int]:
+        if "topk" not in self.controller.compressors or numel < self.controller.min_compress_numel:
+            return []
+        return [min(numel, max(1, round(d * numel))) for d in self.controller.densities]
+
+    def _run_step(self) -> None:
+        hvd, fb, world = self._hvd, self._feedback, self.world_size
+        started = time.perf_counter()
+        names = sorted(self._pending, key=self._order.__getitem__)
+        grads = [self._pending[n] for n in names]
+        self._pending = {}
+        scale = 1.0 / world if self._op == hvd.Average else 1.0
+
+        # b + c: profiles and last step's measurements, averaged over ranks in one collective.
+        agree: list[float] = []
+        for name, g in zip(names, grads):
+            errors, sq_norm = fb.error_profile(name, g, self._ks(g.numel()))
+            agree += [sq_norm, *errors]
+        timings = {kind: (nbytes, s) for kind, nbytes, s in self._last_samples}
+        have_prev = self._last_end is not None and bool(self._last_samples)
+        compute_s = started - self._last_end if self._last_end is not None else 0.0
+        slots = ("allgather", "allreduce")
+        agree += [timings.get(k, (0, 0.0))[1] for k in slots] + [compute_s, 1.0 if have_prev else 0.0]
+        t0 = time.perf_counter()
+        averaged = hvd.allreduce(torch.tensor(agree, dtype=torch.float64), op=hvd.Average, name="kimad.agree").tolist()
+        agree_s = time.perf_counter() - t0
+        *profile_values, prev_gather_s, prev_dense_s, avg_compute_s, all_prev = averaged
+        if all_prev == 1.0:  # every rank measured the previous step: feed the same averages everywhere
+            for kind, seconds in zip(slots, (prev_gather_s, prev_dense_s)):
+                # One rank has no link to measure (and the estimator cannot fit zero samples after a step).
+                if kind in timings and not self.fixed_link and world > 1:
+                    self.controller.observe_collective(kind, timings[kind][0], seconds, self.step)
+            self.controller.observe_compute(avg_compute_s)
+        profiles, pos = [], 0
+        for name, g in zip(names, grads):
+            m = len(self._ks(g.numel()))
+            profiles.append(TensorProfile(name, g.numel(), max(0.0, profile_values[pos]),
+                                          tuple(max(0.0, e) for e in profile_values[pos + 1: pos + 1 + m])))
+            pos += 1 + m
+        latency = self.controller.estimate().latency_s
+        gather_alpha = latency * latency_terms("allgather", world)
+        reduce_alpha = latency * latency_terms("allreduce", world)
+        charged = sum(gather_alpha if self._ks(g.numel()) else reduce_alpha for g in grads)
+        self.controller.budget.credit_s = max(0.0, charged - gather_alpha - reduce_alpha)
+        plan = self.controller.plan(profiles, step=self.step)
+        digest = plan.digest()
+
+        # d: encode per plan.
+        prefix = torch.tensor(list(bytes.fromhex(digest[: 2 * DIGEST_PREFIX_BYTES])), dtype=torch.uint8)
+        sparse, dense, local_errors = [prefix], [], {}
+        for entry, name, g in zip(plan.entries, names, grads):
+            if entry.fmt is MessageFormat.TOPK:
+                msg = fb.encode_topk(name, g, entry.k)
+                sparse.append(encode_topk(msg.values, msg.indices, g.numel(), name=name).cpu())
+                local_errors[name] = msg.sq_error
+            elif entry.fmt is MessageFormat.DENSE32:
+                v = fb.correct(name, g)
+                fb.sent_dense(name, v)
+                dense.append(v.view(-1))
+                local_errors[name] = 0.0
+            else:
+                raise KimadError(f"plan chose {entry.fmt.value} for {name!r}; the Horovod plugin sends topk or dense32")
+
+        # e + f: one allgather (with the digest prefix), verified before the dense allreduce.
+        send = torch.cat(sparse)
+        per_rank = send.numel()
+        t0 = time.perf_counter()
+        gathered = hvd.allgather(send, name="kimad.sparse")
+        gather_s = time.perf_counter() - t0
+        self._verify(gathered, prefix, per_rank, plan)
+        # The agree allreduce is not a bandwidth sample: it absorbs the ranks' compute skew (it is where they meet).
+        samples = [("allgather", per_rank, gather_s)]
+        dense_sum, dense_s = None, 0.0
+        if dense:
+            buffer = torch.cat(dense)
+            t0 = time.perf_counter()
+            dense_sum = hvd.allreduce(buffer, op=hvd.Sum, name="kimad.dense")
+            dense_s = time.perf_counter() - t0
+            samples.append(("allreduce", 4 * buffer.numel(), dense_s))
+
+        # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.
+        sparse_pos, dense_pos = DIGEST_PREFIX_BYTES, 0
+        for entry, name, g in zip(plan.entries, names, grads):
+            n = g.numel()
+            if entry.fmt is MessageFormat.TOPK:
+                c = torch.zeros(n, dtype=torch.float32, device=g.device)
+                for r in range(world):
+                    seg = gathered[r * per_rank + sparse_pos: r * per_rank + sparse_pos + entry.bytes]
+                    values, indices = decode_topk(seg, n, name=name)
+                    ops.sparse_accumulate(c, values.to(g.device), indices.to(g.device), scale=scale, name=name)
+                sparse_pos += entry.bytes
+            else:
+                c = dense_sum[dense_pos: dense_pos + n] * scale
+                dense_pos += n
+            self._results[name] = fb.estimate(name, c.view(g.shape)).to(g.dtype).view(g.shape)
+
+        ended = time.perf_counter()
+        self._record(plan, digest, samples, agree_s, avg_compute_s if all_prev == 1.0 else None, local_errors,
+                     ended - started)
+        self._last_samples = samples
+        self._last_end = ended
+        self.step += 1
+
+    def _verify(self, gathered: torch.Tensor, prefix: torch.Tensor, per_rank: int, plan: Plan) -> None:
+        expected = self.world_size * per_rank
+        bad = []
+        if gathered.numel() != expected:
+            bad.append(f"gathered {gathered.numel():,} bytes, expected {expected:,}")
+        else:
+            for r in range(self.world_size):
+                if not torch.equal(gathered[r * per_rank: r * per_rank + DIGEST_PREFIX_BYTES], prefix):
+                    bad.append(f"rank {r} digest {bytes(gathered[r * per_rank: r * per_rank + 8].tolist()).hex()}")
+        if bad:
+            raise PlanMismatchError(
+                f"plan mismatch at step {self.step} on rank {self.rank}: this rank's plan digest "
+                f"{bytes(prefix.tolist()).hex()} (budget {plan.budget_s!r} s, {plan.total_bytes:,} bytes) but "
+                f"{'; '.join(bad)}. Every rank must use the same Kimad options and parameters")
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def _record(self, plan: Plan, digest: str, samples, agree_s, compute_s, local_errors, step_s: float) -> None:
+        est = self.controller.estimate()
+        comm = {kind: s for kind, _, s in samples}
+        self.metrics = {
+            "step": plan.step, "bandwidth_bps": est.bandwidth_bps, "latency_s": est.latency_s,
+            "budget_s": self.budget.budget_s(), "latency_credit_s": self.controller.budget.credit_s,
+            "over_budget": plan.over_budget, "plan_digest": digest,
+            "predicted_bytes": plan.total_bytes, "actual_bytes": DIGEST_PREFIX_BYTES + plan.total_bytes,
+            "predicted_comm_s": plan.total_time_s - self.controller.budget.credit_s,
+            "actual_comm_s": comm.get("allgather", 0.0) + comm.get("allreduce", 0.0),
+            "agree_s": agree_s, "compute_s": compute_s, "kimad_step_s": step_s,
+            "predicted_error": plan.total_error,
+            "tensors": {e.name: {"option": e.label, "bytes": e.bytes, "predicted_error": e.error,
+                                 "local_error": local_errors[e.name]} for e in plan.entries},
+        }
+        if self.metrics_path and (self.rank == 0 or "{rank}" in self.metrics_path):
+            with open(self.metrics_path.format(rank=self.rank), "a") as f:
+                f.write(json.dumps(self.metrics, allow_nan=True) + "\n")
+        if self.log_every and self.rank == 0 and (plan.step + 1) % self.log_every == 0:
+            m = self.metrics
+            sparse = sum(e.fmt is MessageFormat.TOPK for e in plan.entries)
+            print(f"kimad step {m['step']}: {m['bandwidth_bps'] / 1e9:.2f} Gbit/s, "
+                  f"budget {m['budget_s'] * 1e3:.2f} ms, {m['actual_bytes']:,} B ({sparse}/{len(plan.entries)} top-k), "
+                  f"comm {m['actual_comm_s'] * 1e3:.2f} ms (predicted {m['predicted_comm_s'] * 1e3:.2f})"
+                  f"{' OVER BUDGET' if plan.over_budget else ''}", flush=True)
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything Kimad holds: error-feedback states per name, controller (estimator, auto-budget window),
+        step counter and the last step's measured collectives."""
+        budget = self.budget
+        return {"version": _STATE_VERSION, "step": self.step, "feedback": self._feedback.state_dict(),
+                "controller": self.controller.state_dict(),
+                "compute_window": list(budget._compute) if isinstance(budget, AutoBudget) else None,
+                "last_samples": list(self._last_samples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (same options and parameters)."""
+        if state.get("version") != _STATE_VERSION:
+            raise KimadError(f"not a Kimad {_STATE_VERSION} state dict (version {state.get('version')!r})")
+        self.step = int(state["step"])
+        self._feedback.load_state_dict(state["feedback"])
+        self.controller.load_state_dict(state["controller"])
+        budget = self.budget
+        if isinstance(budget, AutoBudget) and state["compute_window"] is not None:
+            budget._compute.clear()
+            budget._compute.extend(state["compute_window"])
+        self._last_samples = [tuple(s) for s in state["last_samples"]]
+        self._last_end = None  # the compute time across a restart is not a measurement
+        self._pending, self._results = {}, {}
+
+
+_HOROVOD_OPTIONS = ("backward_passes_per_step", "op", "gradient_predivide_factor", "groups", "sparse_as_dense")
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters, **options):
+    """``hvd.DistributedOptimizer`` with a :class:`Kimad` compression built from ``options``.
+
+    Horovod's own options (``backward_passes_per_step``, ``op``, ``gradient_predivide_factor``,
+    ``groups``, ``sparse_as_dense``) go to Horovod (``op`` to Kimad too); the rest to :class:`Kimad`.
+    The plugin is reachable as ``optimizer.kimad``.
+    """
+    hvd = _horovod()
+    named_parameters = list(named_parameters)
+    hvd_options = {k: options.pop(k) for k in _HOROVOD_OPTIONS if k in options}
+    compression = Kimad(named_parameters, op=hvd_options.get("op"), **options)
+    wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
+                                       **hvd_options)
+    wrapped.kimad = compression
+    return wrapped
+
+
+__all__ = ["DistributedOptimizer", "Kimad", "PlanMismatchError", "UnknownGradientError"]

@@ -1,0 +1,33 @@
+"""Run under horovodrun: rank 1 uses a different budget, so the ranks' plans differ.
+
+Every rank must raise ``PlanMismatchError`` on the first step (the process exits non-zero with
+the message on every rank) instead of hanging in a collective with mismatched sizes.
+"""
+
+import sys
+
+import horovod.torch as hvd
+import torch
+from torch import nn
+
+import kimad.horovod
+
+
+def main() -> int:
+    hvd.init()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    budget = 1e-3 if hvd.rank() == 0 else 3e-3  # deliberately different on rank 1
+    opt = kimad.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                             named_parameters=model.named_parameters(), budget_s=budget,
+                                             bandwidth_bps=1e9, latency_s=1e-5)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # raises PlanMismatchError on every rank
+    print(f"kimad mismatch: rank {hvd.rank()} was NOT stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

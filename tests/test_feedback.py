@@ -1,0 +1,143 @@
+"""Error feedback (kimad.feedback): the corrected vector, the state updates and what the optimizer sees, per mode."""
+
+import pytest
+import torch
+
+from kimad.errors import KimadError
+from kimad.feedback import ErrorFeedback, FeedbackError
+
+
+def topk_ref(v: torch.Tensor, k: int) -> torch.Tensor:
+    """TopK_k(v) written plainly: keep the k largest |v| (ties to the lower index), zero the rest."""
+    flat = v.reshape(-1)
+    order = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))[:k]
+    out = torch.zeros_like(flat)
+    out[order] = flat[order]
+    return out.view_as(v)
+
+
+def grads(seed: int, shape=(4, 6)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_unknown_mode_is_a_named_error():
+    with pytest.raises(FeedbackError, match="unknown error_feedback 'ef3'"):
+        ErrorFeedback("ef3")
+    assert issubclass(FeedbackError, KimadError)
+
+
+def test_ef21_top_k_sends_g_minus_h_and_h_tracks_it():
+    fb, h = ErrorFeedback("ef21"), torch.zeros(4, 6)
+    for step in range(3):
+        g = grads(step)
+        msg = fb.encode_topk("w", g, 5)
+        sent = topk_ref(g - h, 5)
+        assert torch.equal(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), sent)
+        h = h + sent
+        assert torch.allclose(fb.local["w"], h)
+
+
+def test_ef_top_k_sends_g_plus_e_and_keeps_the_residual():
+    fb, e = ErrorFeedback("ef"), torch.zeros(4, 6)
+    for step in range(3):
+        g = grads(step)
+        msg = fb.encode_topk("w", g, 5)
+        v = g + e
+        sent = topk_ref(v, 5)
+        assert torch.allclose(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), sent)
+        e = v - sent
+        assert torch.allclose(fb.local["w"], e)
+
+
+def test_no_feedback_sends_top_k_of_g_and_keeps_no_state():
+    fb = ErrorFeedback(None)
+    for step in range(2):
+        g = grads(step)
+        msg = fb.encode_topk("w", g, 5)
+        assert torch.equal(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), topk_ref(g, 5))
+    assert fb.local == {} and fb.global_estimate == {}
+
+
+@pytest.mark.parametrize("mode", ["ef21", "ef", None])
+def test_correct_forms_v_per_mode(mode):
+    fb = ErrorFeedback(mode)
+    fb.encode_topk("w", grads(0), 3)  # gives the state something nonzero
+    state = fb.local.get("w", torch.zeros(4, 6)).clone()
+    g = grads(1)
+    expected = {"ef21": g - state, "ef": g + state, None: g}[mode]
+    assert torch.allclose(fb.correct("w", g), expected)
+
+
+def test_sending_dense_makes_ef21_h_catch_up_and_clears_ef_residual():
+    ef21, ef = ErrorFeedback("ef21"), ErrorFeedback("ef")
+    for fb in (ef21, ef):
+        fb.encode_topk("w", grads(0), 3)
+        fb.sent_dense("w", fb.correct("w", grads(1)))
+    assert torch.allclose(ef21.local["w"], grads(1))  # h + (g - h) = g
+    assert torch.equal(ef.local["w"], torch.zeros(4, 6))
+
+
+def test_ef21_optimizer_sees_the_running_sum_of_aggregates():
+    fb = ErrorFeedback("ef21")
+    c1, c2 = grads(0), grads(1)
+    first = fb.estimate("w", c1.clone())
+    second = fb.estimate("w", c2.clone())
+    assert torch.allclose(first, c1) and torch.allclose(second, c1 + c2)
+    second.zero_()  # the optimizer may modify what it was given; H must not change
+    assert torch.allclose(fb.global_estimate["w"], c1 + c2)
+
+
+@pytest.mark.parametrize("mode", ["ef", None])
+def test_ef_and_none_pass_the_aggregate_through(mode):
+    c = grads(0)
+    assert ErrorFeedback(mode).estimate("w", c) is c
+
+
+def test_float16_and_non_contiguous_gradients_use_float32_state():
+    fb = ErrorFeedback("ef21")
+    g = grads(0, (6, 4)).t()  # non-contiguous
+    fb.encode_topk("w", g.half(), 4)
+    assert fb.local["w"].dtype == torch.float32 and fb.local["w"].shape == (4, 6)
+    assert torch.allclose(fb.local["w"], topk_ref(g.half().float(), 4))
+
+
+def test_a_state_of_the_wrong_size_is_reported_with_the_name():
+    fb = ErrorFeedback("ef21")
+    fb.encode_topk("layer.weight", grads(0), 3)
+    with pytest.raises(FeedbackError, match="layer.weight"):
+        fb.correct("layer.weight", torch.zeros(5))
+
+
+def test_state_dict_round_trip_restores_the_same_updates():
+    fb = ErrorFeedback("ef21")
+    fb.encode_topk("w", grads(0), 3)
+    fb.estimate("w", grads(1))
+    restored = ErrorFeedback("ef21")
+    restored.load_state_dict(fb.state_dict())
+    a, b = fb.encode_topk("w", grads(2), 4), restored.encode_topk("w", grads(2), 4)
+    assert torch.equal(a.values, b.values) and torch.equal(a.indices, b.indices)
+    assert torch.equal(fb.estimate("w", grads(3)), restored.estimate("w", grads(3)))
+
+
+def test_state_dict_is_a_copy():
+    fb = ErrorFeedback("ef")
+    fb.encode_topk("w", grads(0), 3)
+    state = fb.state_dict()
+    fb.encode_topk("w", grads(1), 3)
+    assert not torch.equal(state["local"]["w"], fb.local["w"])
+
+
+def test_loading_another_modes_state_is_refused():
+    with pytest.raises(FeedbackError, match="ef21"):
+        ErrorFeedback("ef").load_state_dict(ErrorFeedback("ef21").state_dict())
+
+
+def test_error_profile_matches_the_message_error_and_leaves_state_alone():
+    fb = ErrorFeedback("ef21")
+    fb.encode_topk("w", grads(0), 3)
+    before = fb.local["w"].clone()
+    errors, sq_norm = fb.error_profile("w", grads(1), [0, 24])
+    assert torch.equal(fb.local["w"], before)
+    v = grads(1) - before
+    assert sq_norm == pytest.approx(float(v.pow(2).sum()), rel=1e-5)
+    assert errors == pytest.approx([float(v.pow(2).sum()), 0.0], rel=1e-5)

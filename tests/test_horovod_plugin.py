@@ -1,0 +1,258 @@
+"""Kimad as a Horovod compression plugin (kimad.horovod), on an unpatched Horovod 0.28.1 with Gloo.
+
+Single-process tests drive ``compress``/``decompress`` by hand (with one rank, Horovod's optimizer
+never calls them); two-rank tests launch tests/scripts/kimad_*.py under horovodrun, each with a
+timeout so a deadlock fails the test instead of hanging it.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kimad
+from kimad.errors import KimadError
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def hvd():
+    import horovod.torch as hvd
+
+    hvd.init()
+    return hvd
+
+
+def horovodrun(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "horovodrun"
+    if not exe.exists():
+        pytest.fail(f"horovodrun not found next to {sys.executable}; run `make setup` to build Horovod 0.28.1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([str(exe), "-np", "2", "-H", "localhost:2", "--gloo", "--start-timeout", "120",
+                           sys.executable, str(SCRIPTS / script), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def grads_of(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(8, 64, generator=g)).pow(2).sum().backward()
+
+
+def run_step(compression, model):
+    """What Horovod's synchronize() does: every compress first, then every decompress."""
+    ctxs = [(p, *compression.compress(p.grad)) for p in model.parameters() if p.requires_grad]
+    for _, empty, _ in ctxs:
+        assert empty.numel() == 0  # Horovod's own allreduce carries nothing
+    return {p: compression.decompress(empty, ctx) for p, empty, ctx in ctxs}
+
+
+# -- construction -------------------------------------------------------------------------------
+def test_import_kimad_does_not_import_horovod():
+    code = "import sys, kimad; assert 'horovod' not in sys.modules and 'kimad.horovod' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"allocator": "greedy"}, "unknown allocator 'greedy'"),
+    ({"compressors": ("topk", "qsgd")}, r"\['qsgd'\] are not supported"),
+    ({"error_feedback": "ef22"}, "unknown error_feedback 'ef22'"),
+    ({"budget_s": -0.01}, "budget_s must be > 0"),
+    ({"budget_s": "fast"}, "budget must be seconds"),
+    ({"log_every": -1}, "log_every"),
+])
+def test_bad_options_raise_named_kimad_errors(hvd, options, match):
+    model = nn.Linear(64, 64)
+    with pytest.raises(KimadError, match=match):
+        kimad.Kimad(model.named_parameters(), **options)
+
+
+def test_adasum_is_refused(hvd):
+    with pytest.raises(KimadError, match="Average or hvd.Sum"):
+        kimad.Kimad(nn.Linear(4, 4).named_parameters(), op=hvd.Adasum)
+
+
+# -- one rank, driven by hand ----------------------------------------------------------------------
+def test_a_tensor_that_is_no_registered_gradient_is_reported(hvd):
+    model = nn.Linear(64, 64)
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1.0)
+    grads_of(model)
+    with pytest.raises(kimad.horovod.UnknownGradientError, match="not the .grad of any"):
+        compression.compress(model.weight.grad.clone())
+
+
+def test_dense_plan_without_feedback_returns_the_gradient_on_one_rank(hvd):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1e9, error_feedback=None)
+    grads_of(model)
+    out = run_step(compression, model)
+    for p, got in out.items():
+        assert torch.equal(got, p.grad)
+    assert {t["option"] for t in compression.metrics["tensors"].values()} == {"dense32"}
+
+
+def test_ef21_on_one_rank_sends_dense_and_hands_the_optimizer_the_gradient(hvd):
+    # One rank moves no bytes, so even a tiny budget fits dense: h catches up with g and H = h = g.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    compression = kimad.Kimad(model.named_parameters(), budget_s=2e-6, bandwidth_bps=1e9, latency_s=1e-7)
+    for step in range(3):
+        grads_of(model, step)
+        for p, got in run_step(compression, model).items():
+            assert got.shape == p.grad.shape and got.dtype == p.grad.dtype
+            assert torch.allclose(got, p.grad, atol=1e-6)
+    assert {t["option"] for t in compression.metrics["tensors"].values()} == {"dense32"}
+
+
+def test_sparse_gradients_reduced_by_horovod_pass_through_decompress(hvd):
+    compression = kimad.Kimad(nn.Linear(4, 4).named_parameters(), budget_s=1.0)
+    reduced = torch.randn(3, 4).to_sparse()
+    assert compression.decompress(reduced, None) is reduced  # Horovod gives ctx None for sparse gradients
+
+
+def test_float16_and_bfloat16_gradients_come_back_in_their_dtype(hvd):
+    for dtype in (torch.float16, torch.bfloat16):
+        model = nn.Linear(64, 64).to(dtype)
+        compression = kimad.Kimad(model.named_parameters(), budget_s=2e-6, bandwidth_bps=1e9, latency_s=1e-7)
+        model.zero_grad()
+        model(torch.randn(8, 64).to(dtype)).float().pow(2).sum().backward()
+        for p, got in run_step(compression, model).items():
+            assert got.dtype == dtype and torch.isfinite(got.float()).all()
+
+
+def test_metrics_are_written_as_json_lines(hvd, tmp_path):
+    model = nn.Linear(64, 64)
+    path = tmp_path / "m.jsonl"
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1e-5, metrics_path=str(path))
+    for step in range(2):
+        grads_of(model, step)
+        run_step(compression, model)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1]
+    for key in ("bandwidth_bps", "latency_s", "budget_s", "predicted_bytes", "actual_bytes", "predicted_comm_s",
+                "actual_comm_s", "compute_s", "over_budget", "plan_digest", "tensors"):
+        assert key in lines[-1], key
+    assert lines[-1]["compute_s"] is not None and lines[0]["compute_s"] is None
+
+
+def test_log_every_prints_one_summary_line_every_n_steps(hvd, capsys):
+    model = nn.Linear(64, 64)
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1e-3, log_every=2)
+    for step in range(4):
+        grads_of(model, step)
+        run_step(compression, model)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kimad step")]
+    assert [line.split(":")[0] for line in lines] == ["kimad step 1", "kimad step 3"]
+
+
+def test_a_gradient_handed_over_as_a_copy_is_named_by_the_calling_optimizers_p(hvd):
+    # Horovod's sparse_as_dense passes p.grad.to_dense(), a new tensor, from _allreduce_grad_async(self, p).
+    model = nn.Linear(64, 64)
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1.0)
+    grads_of(model)
+
+    class Optimizer:
+        def __init__(self):
+            self._compression, self.op = compression, None
+
+        def _allreduce_grad_async(self, p):
+            return compression.compress(p.grad.clone())
+
+    opt = Optimizer()
+    for p in model.parameters():
+        empty, ctx = opt._allreduce_grad_async(p)
+    assert ctx.name == "bias"
+
+
+def test_state_dict_restores_feedback_controller_and_step(hvd):
+    model = nn.Linear(64, 64)
+    a = kimad.Kimad(model.named_parameters(), budget_s="auto", error_feedback="ef")
+    for step in range(3):
+        grads_of(model, step)
+        run_step(a, model)
+    b = kimad.Kimad(model.named_parameters(), budget_s="auto", error_feedback="ef")
+    b.load_state_dict(a.state_dict())
+    assert b.step == 3
+    assert b.controller.state_dict() == a.controller.state_dict()
+    assert b.budget.budget_s() == a.budget.budget_s()
+    for name, e in a._feedback.local.items():
+        assert torch.equal(b._feedback.local[name], e)
+
+
+# -- two ranks under horovodrun -------------------------------------------------------------------
+def assert_both_ranks(proc, marker: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    for rank in range(2):
+        assert f"{marker}: rank {rank}" in output, output[-6000:]
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args", [
+    (),                                          # Average, SGD, zero_grad() setting grads to None
+    ("--op", "sum", "--optimizer", "adam"),
+    ("--bpps", "2", "--keep-grads"),             # backward_passes_per_step=2, grads zeroed in place
+    ("--dtype", "float16"),
+    ("--groups", "2", "--op", "sum"),            # grouped allreduce: op read through a list comprehension
+], ids=["average", "sum-adam", "bpps2", "fp16", "groups-sum"])
+def test_all_dense_plan_equals_plain_horovod(args):
+    assert_both_ranks(horovodrun("kimad_equivalence.py", *args), "kimad equivalence")
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+def test_topk_ef21_trains_digits_within_a_few_points_of_uncompressed():
+    proc = horovodrun("kimad_train.py")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    results = [json.loads(m) for m in re.findall(r"kimad train: (\{.*\})", output)]
+    assert len(results) == 2, output[-6000:]
+    r = results[0]
+    print(f"\nDigitsCNN, 2 ranks, {r['steps']} steps: uncompressed {r['plain_accuracy']:.3f}, Kimad top-k+EF21 "
+          f"{r['kimad_accuracy']:.3f} at {r['kimad_median_bytes'] / r['dense_bytes']:.1%} of the dense bytes")
+    assert r["kimad_median_bytes"] < 0.25 * r["dense_bytes"]
+    assert r["plain_accuracy"] > 0.9
+    assert r["kimad_accuracy"] > r["plain_accuracy"] - 0.03
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+def test_a_plan_mismatch_stops_every_rank_without_hanging():
+    proc = horovodrun("kimad_mismatch.py", timeout=180)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-6000:]
+    for rank in range(2):
+        message = rf"\[{rank}\]<stderr>:kimad\.horovod\.PlanMismatchError: plan mismatch at step 0 on rank {rank}"
+        assert re.search(message, output), output[-6000:]
+    assert "was NOT stopped" not in output
+
+
+def checkpoint_models(directory: Path):
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False)["model"] for r in range(2)]
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(600)
+def test_checkpoint_restore_is_bit_exact(tmp_path):
+    full, split, control = tmp_path / "full", tmp_path / "split", tmp_path / "control"
+    for d in (full, split, control):
+        d.mkdir()
+    assert_both_ranks(horovodrun("kimad_checkpoint.py", str(full), "--steps", "6"), "kimad checkpoint")
+    assert_both_ranks(horovodrun("kimad_checkpoint.py", str(split), "--steps", "3"), "kimad checkpoint")
+    for f in split.iterdir():
+        (control / f.name).write_bytes(f.read_bytes())
+    assert_both_ranks(horovodrun("kimad_checkpoint.py", str(split), "--start", "3", "--steps", "3", "--resume"),
+                      "kimad checkpoint")
+    assert_both_ranks(horovodrun("kimad_checkpoint.py", str(control), "--start", "3", "--steps", "3", "--resume",
+                                 "--without-kimad-state"), "kimad checkpoint")
+    for a, b, c in zip(checkpoint_models(full), checkpoint_models(split), checkpoint_models(control)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not all(torch.equal(a[k], c[k]) for k in a)  # without Kimad's state the run diverges
