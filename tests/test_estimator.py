@@ -210,3 +210,12 @@ def test_state_dict_and_pickle_round_trip_and_continue_identically():
         feed(est, np.random.default_rng(8), 5, 3e9, 20e-6, start=30)
     assert a.estimate() == b.estimate() == c.estimate()
     assert a.rejected == b.rejected == c.rejected
+
+
+def test_the_prior_stands_while_no_sample_was_accepted_even_as_steps_advance():
+    est = BandwidthEstimator(initial_bandwidth_bps=2e9, initial_latency_s=1e-4)
+    est.add("allreduce", 1, 1000, 0.01, 0)  # a single rank sends nothing: ignored
+    est.add("allgather", 1, 1000, 0.01, 7)
+    got = est.estimate()
+    assert (got.bandwidth_bps, got.latency_s, got.effective_samples) == (2e9, 1e-4, 0.0)
+    assert est.rejected["single_rank"] == 2

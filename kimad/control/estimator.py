@@ -218,7 +218,10 @@ class BandwidthEstimator:
 
     def _fit(self) -> None:
         s = self.state
-        data = np.asarray(s.samples, dtype=np.float64)
+        if not s.samples:  # nothing accepted yet (e.g. a single rank): the prior stands
+            s.bandwidth_rel_stderr, s.effective_samples, s.latency_identified, s.outliers = math.inf, 0.0, False, 0
+            return
+        data = np.asarray(s.samples, dtype=np.float64).reshape(-1, 4)
         w = 0.5 ** ((s.step_now - data[:, 3]) / s.half_life_steps)
         keep = w >= _MIN_WEIGHT
         s.samples = [x for x, k in zip(s.samples, keep) if k]
