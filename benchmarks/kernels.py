@@ -14,6 +14,10 @@ Ops covered so far:
             torch.topk(v.abs(), k); v.gather; h[idx] += vals``.
   profile16 error profile for 16 densities geometric from 1e-4 to 1 (one histogram pass) vs
             torch: ``v = g - h``, one sort of ``v**2`` and a cumulative sum read at the 16 ks.
+  qsgd4_ef  fused EF QSGD encode, 4 bits, buckets of 512 (payload + state update) vs torch:
+            ``v = g + e``, bucket norms, ``floor(|v| / N * 7 + rand)``, ``e = v - Q(v)``, nibble packing.
+  sign_ef   fused EF scaled-sign encode, buckets of 512, vs torch: ``v = g + e``, bucket mean |v|,
+            ``e = v - Q(v)``, sign bits packed 8 per byte.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Callable
 import torch
 
 from kimad.bench.machine import cpu_model
-from kimad.ops import error_profile, sparse_accumulate, topk_encode
+from kimad.ops import error_profile, qsgd_encode, sign_encode, sparse_accumulate, topk_encode
 
 
 def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -128,6 +132,61 @@ def bench_profile16(d: int, repeats: int, device: torch.device) -> dict:
     return _row("profile16", d, 1.0, ours, floor, ref)
 
 
+def _buckets(v: torch.Tensor, bucket: int) -> torch.Tensor:
+    """v zero-padded to whole buckets, as a (buckets, bucket) view."""
+    return torch.nn.functional.pad(v, (0, -v.numel() % bucket)).view(-1, bucket)
+
+
+def bench_qsgd4_ef(d: int, repeats: int, device: torch.device, bucket: int = 512) -> dict:
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(d, generator=g).to(device)
+    e = (0.1 * torch.randn(d, generator=g)).to(device)
+    e_torch = e.clone()
+    a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
+    bit_weights = torch.tensor([1, 16], dtype=torch.uint8, device=device)
+
+    def torch_qsgd4():
+        v = grad + e_torch
+        vb = _buckets(v, bucket)
+        norms = vb.norm(dim=1, keepdim=True)
+        x = vb.abs() * (7.0 / norms.clamp_min(1e-30))
+        level = (x + torch.rand_like(x)).floor_().clamp_(max=7.0)
+        q = torch.where(vb < 0, -level, level) * (norms / 7.0)
+        e_torch.copy_(v - q.view(-1)[:d])
+        codes = (level.to(torch.uint8) | ((vb < 0).to(torch.uint8) << 3)).view(-1)[:d]
+        codes = torch.nn.functional.pad(codes, (0, d % 2)).view(-1, 2)
+        return norms, (codes * bit_weights).sum(1, dtype=torch.uint8)
+
+    floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
+    seeds = iter(range(10**9))
+    ours = median_ms(lambda: qsgd_encode(grad, e, bits=4, bucket=bucket, seed=next(seeds), mode="ef"), repeats, device)
+    ref = median_ms(torch_qsgd4, repeats, device)
+    return _row("qsgd4_ef", d, 1.0, ours, floor, ref)
+
+
+def bench_sign_ef(d: int, repeats: int, device: torch.device, bucket: int = 512) -> dict:
+    g = torch.Generator().manual_seed(4)
+    grad = torch.randn(d, generator=g).to(device)
+    e = (0.1 * torch.randn(d, generator=g)).to(device)
+    e_torch = e.clone()
+    a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
+    bit_weights = (2 ** torch.arange(8, device=device)).to(torch.uint8)
+
+    def torch_sign():
+        v = grad + e_torch
+        vb = _buckets(v, bucket)
+        scale = vb.abs().mean(dim=1, keepdim=True)
+        negative = vb < 0
+        e_torch.copy_(v - torch.where(negative, -scale, scale).view(-1)[:d])
+        bits = torch.nn.functional.pad(negative.view(-1)[:d], (0, -d % 8)).view(-1, 8).to(torch.uint8)
+        return scale, (bits * bit_weights).sum(1, dtype=torch.uint8)
+
+    floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
+    ours = median_ms(lambda: sign_encode(grad, e, bucket=bucket, mode="ef"), repeats, device)
+    ref = median_ms(torch_sign, repeats, device)
+    return _row("sign_ef", d, 1.0, ours, floor, ref)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only d = 25M at density 1%% (about a minute)")
@@ -161,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                         bench_ef_topk(d, density, args.repeats, device)):
                 rows.append(row)
                 print_row(row)
-        row = bench_profile16(d, args.repeats, device)
-        rows.append(row)
-        print_row(row)
+        for row in (bench_profile16(d, args.repeats, device), bench_qsgd4_ef(d, args.repeats, device),
+                    bench_sign_ef(d, args.repeats, device)):
+            rows.append(row)
+            print_row(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(device), "rows": rows}, f, indent=1)

@@ -221,3 +221,236 @@ def error_profile(
             f"{non_finite:,} non-finite entries (NaN or Inf); no error profile"
         )
     return list(errors), float(sq_norm)
+
+
+@dataclass(frozen=True)
+class QuantMessage:
+    """One QSGD or scaled-sign message of a tensor, as produced by :func:`qsgd_encode` / :func:`sign_encode`.
+
+    Attributes:
+        payload: 1-D uint8 tensor, the message bytes in the layout of
+            :mod:`kimad.compressors.quant` (exactly ``wire.message_bytes(...)`` bytes).
+        sq_norm: ``||v||^2`` of the vector the message approximates.
+        sq_error: ``||v - Q(v)||^2``, the squared error of this message (this draw, for QSGD).
+    """
+
+    payload: torch.Tensor
+    sq_norm: float
+    sq_error: float
+
+
+@dataclass(frozen=True)
+class QuantErrorEstimate:
+    """Squared errors of the quantised messages of one ``v``, for the allocator.
+
+    Attributes:
+        qsgd: bits (8, 4, 2) -> expected squared error ``E||v - Q(v)||^2`` of QSGD.
+        sign: the (deterministic) squared error of the scaled-sign message.
+        sq_norm: ``||v||^2``.
+    """
+
+    qsgd: dict[int, float]
+    sign: float
+    sq_norm: float
+
+
+_QUANT_DECODE_REASONS = {
+    1: "has {got:,} bytes but a {fmt} message of {numel:,} elements (bits={bits}, bucket={bucket}) has {want:,}",
+    2: "header says {hdr:,} elements but the tensor has {numel:,}",
+    3: "header has format tag 0x{tag:02x}, bits {hbits} (or non-zero reserved bytes); expected a {fmt} "
+       "message with bits={bits}",
+    4: "carries a bucket norm or scale that is negative, NaN or Inf",
+}
+
+
+def _quant_operands(op: str, grad, state, mode: str, bucket, name: str):
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+        raise KimadError(f"{op} for {name!r}: bucket must be an int >= 1 element, got {bucket!r}")
+    return _feedback_operands(op, grad, state, mode, name)
+
+
+def _quant_encode(op: str, grad, state, bits: int, bucket: int, seed: int, mode: str, name: str) -> QuantMessage:
+    flat_grad, flat_state, code = _quant_operands(op, grad, state, mode, bucket, name)
+    nbytes = native().quant_message_bytes(flat_grad.numel(), bits, bucket)
+    payload = torch.empty(nbytes, dtype=torch.uint8, device=grad.device)
+    if bits == 1:
+        non_finite, sq_norm, sq_error = native().sign_encode(flat_grad, flat_state, bucket, code, payload)
+    else:
+        non_finite, sq_norm, sq_error = native().qsgd_encode(flat_grad, flat_state, bits, bucket, seed, code, payload)
+    if non_finite:
+        raise NonFiniteGradientError(
+            f"gradient {name!r} ({'plus' if mode == 'ef' else 'minus'} its {mode.upper()} state) has "
+            f"{non_finite:,} non-finite entries (NaN or Inf, or a bucket norm beyond float32); nothing was sent "
+            "and the state is unchanged"
+        )
+    return QuantMessage(payload, float(sq_norm), float(sq_error))
+
+
+def qsgd_encode(
+    grad: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    bits: int,
+    bucket: int = 512,
+    seed: int,
+    mode: str = "ef21",
+    name: str = "tensor",
+) -> QuantMessage:
+    """QSGD stochastic quantisation with error feedback, fused in one native op.
+
+    Forms ``v`` as :func:`topk_encode` does, and per bucket of ``bucket`` elements sends the
+    float32 norm ``N`` and, per element, the sign and a level ``l = floor(|v| / N * s + u)`` in
+    ``[0, s]``, ``s = 2**(bits-1) - 1``, ``u`` the counter-based draw :func:`uniform_draws` of
+    ``(seed, index)`` (so ``E[Q(v)] = v``, and the message depends only on ``v`` and ``seed``).
+    State update: EF21 ``h += Q(v)``; EF ``e = v - Q(v)``.
+
+    Args:
+        grad, state, mode, name: as for :func:`topk_encode`.
+        bits: bits per element: 8, 4 or 2.
+        bucket: elements per bucket (>= 1).
+        seed: the draws' key, an int in ``[0, 2**64)``; use a fresh one per step and rank.
+
+    Returns:
+        A :class:`QuantMessage` of ``wire.message_bytes("qsgd", n, bits=bits, bucket=bucket)`` bytes.
+
+    Raises:
+        KimadError: wrong dtype, device, shape, bits, bucket or seed.
+        NonFiniteGradientError: ``v`` holds NaN or Inf; the state is unchanged.
+    """
+    if bits not in (8, 4, 2) or isinstance(bits, bool):
+        raise KimadError(f"qsgd_encode for {name!r}: bits must be 8, 4 or 2, got {bits!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise KimadError(f"qsgd_encode for {name!r}: seed must be an int in [0, 2**64), got {seed!r}")
+    return _quant_encode("qsgd_encode", grad, state, bits, bucket, seed, mode, name)
+
+
+def sign_encode(
+    grad: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    bucket: int = 512,
+    mode: str = "ef21",
+    name: str = "tensor",
+) -> QuantMessage:
+    """Scaled sign (EF-SignSGD) with error feedback, fused in one native op.
+
+    Per bucket sends ``S = mean |v|`` (float32) and one bit per element (1 for ``v < 0``); the
+    decoded value is ``-S`` or ``+S``. State update as in :func:`qsgd_encode`.
+
+    Returns:
+        A :class:`QuantMessage` of ``wire.message_bytes("sign", n, bucket=bucket)`` bytes.
+
+    Raises:
+        KimadError: wrong dtype, device, shape or bucket.
+        NonFiniteGradientError: ``v`` holds NaN or Inf; the state is unchanged.
+    """
+    return _quant_encode("sign_encode", grad, state, 1, bucket, 0, mode, name)
+
+
+def quant_decode_accumulate(
+    out: torch.Tensor,
+    payload: torch.Tensor,
+    *,
+    fmt: str,
+    numel: int,
+    bits: int | None = None,
+    bucket: int = 512,
+    scale: float = 1.0,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Decode one QSGD or sign message into a dense tensor: ``out += scale * decoded``.
+
+    The length, the header (element count, format, bits) and every bucket norm / scale are checked
+    before anything is written, so a corrupt message leaves ``out`` unchanged.
+
+    Args:
+        out: contiguous float32 tensor of ``numel`` elements, updated in place.
+        payload: 1-D uint8 tensor, the message as produced by the encoder.
+        fmt: ``"qsgd"`` or ``"sign"``.
+        numel: the tensor's number of elements (must equal ``out.numel()``).
+        bits: for ``qsgd``, 8, 4 or 2 (ignored for ``sign``).
+        bucket: elements per bucket the sender used.
+        scale: multiplier of every decoded value (e.g. ``1 / world_size``).
+        name: the tensor's name, used in error messages.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        KimadError: wrong dtype, device, shape or argument.
+        CorruptMessageError: the message does not match the expected layout; ``out`` is unchanged.
+    """
+    op = "quant_decode_accumulate"
+    if not isinstance(out, torch.Tensor) or not isinstance(payload, torch.Tensor):
+        raise KimadError(f"{op} for {name!r}: out and payload must be torch tensors")
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise KimadError(f"{op} for {name!r}: out must be a contiguous float32 tensor (it is updated in place)")
+    if out.numel() != numel:
+        raise KimadError(f"{op} for {name!r}: out has {out.numel():,} elements, expected numel={numel:,}")
+    if fmt == "qsgd":
+        if bits not in (8, 4, 2) or isinstance(bits, bool):
+            raise KimadError(f"{op} for {name!r}: qsgd bits must be 8, 4 or 2, got {bits!r}")
+        code_bits = bits
+    elif fmt == "sign":
+        code_bits = 1
+    else:
+        raise KimadError(f"{op} for {name!r}: fmt must be 'qsgd' or 'sign', got {fmt!r}")
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+        raise KimadError(f"{op} for {name!r}: bucket must be an int >= 1 element, got {bucket!r}")
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise KimadError(f"{op} for {name!r}: payload must be a 1-D uint8 tensor, got {payload.dtype} "
+                         f"of shape {tuple(payload.shape)}")
+    if payload.device != out.device:
+        raise KimadError(f"{op} for {name!r}: out ({out.device}) and payload ({payload.device}) must be on one device")
+    if numel > torch.iinfo(torch.int32).max:
+        raise KimadError(f"{op} for {name!r}: {numel:,} elements exceed int32 indexing")
+    payload = payload.contiguous()
+    status = native().quant_decode_accumulate(out.view(-1), payload, code_bits, bucket, float(scale))
+    if status:
+        head = payload[:8].cpu().tolist() if payload.numel() >= 8 else [0] * 8
+        raise CorruptMessageError(f"{fmt} message for {name!r} " + _QUANT_DECODE_REASONS[status].format(
+            got=payload.numel(), fmt=fmt, numel=numel, bits=code_bits, bucket=bucket,
+            want=native().quant_message_bytes(numel, code_bits, bucket),
+            hdr=int.from_bytes(bytes(head[:4]), "little"), tag=head[4], hbits=head[5]))
+    return out
+
+
+def quant_error_estimate(
+    grad: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    bucket: int = 512,
+    mode: str = "ef21",
+    name: str = "tensor",
+) -> QuantErrorEstimate:
+    """Expected squared QSGD errors (bits 8, 4, 2) and the sign error of ``v``, in one pass.
+
+    Per element of a bucket of norm ``N``: ``(N / s)**2 * p * (1 - p)`` with ``p`` the rounding
+    probability of its level (the variance of the stochastic rounding), summed. The state is only
+    read.
+
+    Raises:
+        KimadError: wrong dtype, device, shape or bucket.
+        NonFiniteGradientError: ``v`` holds NaN or Inf.
+    """
+    flat_grad, flat_state, code = _quant_operands("quant_error_estimate", grad, state, mode, bucket, name)
+    non_finite, sq_norm, errors = native().quant_error_estimate(flat_grad, flat_state, bucket, code)
+    if non_finite:
+        raise NonFiniteGradientError(
+            f"gradient {name!r} ({'plus' if mode == 'ef' else 'minus'} its {mode.upper()} state) has "
+            f"{non_finite:,} non-finite entries (NaN or Inf); no error estimate"
+        )
+    return QuantErrorEstimate({8: errors[0], 4: errors[1], 2: errors[2]}, errors[3], float(sq_norm))
+
+
+def uniform_draws(seed: int, n: int) -> torch.Tensor:
+    """The ``n`` uniform draws in ``[0, 1)`` (float32, CPU) that :func:`qsgd_encode` uses under ``seed``.
+
+    Draw ``i`` depends only on ``(seed, i)`` (a counter-based hash), so references can reproduce
+    the encoder's rounding exactly.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise KimadError(f"uniform_draws: seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**32:
+        raise KimadError(f"uniform_draws: n must be an int in [0, 2**32), got {n!r}")
+    return native().uniform_draws(seed, n)
