@@ -139,7 +139,11 @@ class Kimad:
         bandwidth_bps, latency_s: a fixed link model (bits/s, seconds) instead of learning it from timed
             collectives; plans then depend only on gradients and budget (reproducible runs).
         metrics_path: append one JSON line of :attr:`metrics` per step (rank 0 only, unless the path
-            contains ``{rank}``).
+            contains ``{rank}``). Besides plan and link figures, :attr:`metrics` times this rank's step,
+            seconds: ``profile_s`` (error feedback + error profiles), ``plan_s`` (controller),
+            ``encode_s`` (top-k encode + dense concatenation), ``decode_s`` (decode, aggregate, estimate),
+            ``overhead_s`` (their sum: Kimad's own work), ``agree_s``, ``allgather_s``, ``allreduce_s``
+            (collectives; ``actual_comm_s`` = allgather + allreduce) and ``kimad_step_s`` (all of it).
         log_every: rank 0 prints a summary line every this many steps (0: never).
 
     Raises:
@@ -280,6 +284,7 @@ class Kimad:
 
         # b + c: profiles and last step's measurements, averaged over ranks in one collective.
         agree: list[float] = []
+        t_profile = time.perf_counter()
         for name, g in zip(names, grads):
             errors, sq_norm = fb.error_profile(name, g, self._ks(g.numel()))
             agree += [sq_norm, *errors]
@@ -289,6 +294,7 @@ class Kimad:
         slots = ("allgather", "allreduce")
         agree += [timings.get(k, (0, 0.0))[1] for k in slots] + [compute_s, 1.0 if have_prev else 0.0]
         t0 = time.perf_counter()
+        profile_s = t0 - t_profile
         averaged = hvd.allreduce(torch.tensor(agree, dtype=torch.float64), op=hvd.Average, name="kimad.agree").tolist()
         agree_s = time.perf_counter() - t0
         *profile_values, prev_gather_s, prev_dense_s, avg_compute_s, all_prev = averaged
@@ -298,6 +304,7 @@ class Kimad:
                 if kind in timings and not self.fixed_link and world > 1:
                     self.controller.observe_collective(kind, timings[kind][0], seconds, self.step)
             self.controller.observe_compute(avg_compute_s)
+        t_plan = time.perf_counter()
         profiles, pos = [], 0
         for name, g in zip(names, grads):
             m = len(self._ks(g.numel()))
@@ -311,6 +318,8 @@ class Kimad:
         self.controller.budget.credit_s = max(0.0, charged - gather_alpha - reduce_alpha)
         plan = self.controller.plan(profiles, step=self.step)
         digest = plan.digest()
+        t_encode = time.perf_counter()
+        plan_s = t_encode - t_plan
 
         # d: encode per plan.
         prefix = torch.tensor(list(bytes.fromhex(digest[: 2 * DIGEST_PREFIX_BYTES])), dtype=torch.uint8)
@@ -332,6 +341,7 @@ class Kimad:
         send = torch.cat(sparse)
         per_rank = send.numel()
         t0 = time.perf_counter()
+        encode_s = t0 - t_encode
         gathered = hvd.allgather(send, name="kimad.sparse")
         gather_s = time.perf_counter() - t0
         self._verify(gathered, prefix, per_rank, plan)
@@ -339,13 +349,16 @@ class Kimad:
         samples = [("allgather", per_rank, gather_s)]
         dense_sum, dense_s = None, 0.0
         if dense:
+            t_cat = time.perf_counter()
             buffer = torch.cat(dense)
             t0 = time.perf_counter()
+            encode_s += t0 - t_cat
             dense_sum = hvd.allreduce(buffer, op=hvd.Sum, name="kimad.dense")
             dense_s = time.perf_counter() - t0
             samples.append(("allreduce", 4 * buffer.numel(), dense_s))
 
         # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.
+        t_decode = time.perf_counter()
         sparse_pos, dense_pos = DIGEST_PREFIX_BYTES, 0
         for entry, name, g in zip(plan.entries, names, grads):
             n = g.numel()
@@ -362,8 +375,9 @@ class Kimad:
             self._results[name] = fb.estimate(name, c.view(g.shape)).to(g.dtype).view(g.shape)
 
         ended = time.perf_counter()
+        timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
         self._record(plan, digest, samples, agree_s, avg_compute_s if all_prev == 1.0 else None, local_errors,
-                     ended - started)
+                     ended - started, timing)
         self._last_samples = samples
         self._last_end = ended
         self.step += 1
@@ -384,7 +398,8 @@ class Kimad:
                 f"{'; '.join(bad)}. Every rank must use the same Kimad options and parameters")
 
     # -- metrics -----------------------------------------------------------------------------------
-    def _record(self, plan: Plan, digest: str, samples, agree_s, compute_s, local_errors, step_s: float) -> None:
+    def _record(self, plan: Plan, digest: str, samples, agree_s, compute_s, local_errors, step_s: float,
+                timing: dict) -> None:
         est = self.controller.estimate()
         comm = {kind: s for kind, _, s in samples}
         self.metrics = {
@@ -395,6 +410,8 @@ class Kimad:
             "predicted_comm_s": plan.total_time_s - self.controller.budget.credit_s,
             "actual_comm_s": comm.get("allgather", 0.0) + comm.get("allreduce", 0.0),
             "agree_s": agree_s, "compute_s": compute_s, "kimad_step_s": step_s,
+            "allgather_s": comm.get("allgather", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
+            **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
             "tensors": {e.name: {"option": e.label, "bytes": e.bytes, "predicted_error": e.error,
                                  "local_error": local_errors[e.name]} for e in plan.entries},

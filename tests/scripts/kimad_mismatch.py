@@ -1,4 +1,4 @@
-"""Run under horovodrun: rank 1 uses a different budget, so the ranks' plans differ.
+"""Run under horovodrun: every rank but 0 uses a different budget, so the ranks' plans differ.
 
 Every rank must raise ``PlanMismatchError`` on the first step (the process exits non-zero with
 the message on every rank) instead of hanging in a collective with mismatched sizes.
@@ -18,7 +18,7 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
-    budget = 1e-3 if hvd.rank() == 0 else 3e-3  # deliberately different on rank 1
+    budget = 1e-3 if hvd.rank() == 0 else 3e-3  # deliberately different on ranks >= 1
     opt = kimad.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                              named_parameters=model.named_parameters(), budget_s=budget,
                                              bandwidth_bps=1e9, latency_s=1e-5)
