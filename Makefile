@@ -1,5 +1,5 @@
 # Kimad's entry points. On a fresh machine:
-#   make demo   set everything up (venv, torch, Horovod, kimad._C) and run the main job
+#   make demo   set everything up (venv, torch, Horovod, kimad._C) and run the short end-to-end comparison
 #   make test   set everything up and run the whole test suite (pytest + CTest, sanitizers, CUDA compile check)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -15,7 +15,7 @@ ASAN_BUILD  := build/cmake-asan
 .PHONY: help setup cxx-deps test test-python test-cxx demo bench clean
 
 help:
-	@echo "make demo        set up, then run the main job (2-rank Horovod training on localhost)"
+	@echo "make demo        set up, then run the short end-to-end comparison (emulated 2-node cluster; report in runs/demo/)"
 	@echo "make test        set up, then run pytest and the C++ tests (plain + ASan/UBSan) and the CUDA compile check"
 	@echo "make setup       create $(VENV) and install torch, Horovod 0.28.1 (cached build) and kimad (editable)"
 	@echo "make bench       kernel microbenchmarks (ratios against baselines measured in the same run)"
@@ -48,12 +48,14 @@ test-cxx:
 	cmake --build $(ASAN_BUILD)
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure
 
+# The short end-to-end comparison (about 4 minutes on 2 cores): 2 emulated nodes (root) on the step-down
+# trace, uncompressed vs static top-k 0.01 vs Kimad+; without root it says so and runs on localhost.
+DEMO_OUT ?= runs/demo
 demo: setup
-	@echo "[demo] 2-rank data-parallel training of a CNN on the MNIST digits, Horovod on localhost (Gloo)"
-	@for c in none fp16; do \
-	  echo "[demo] --compression $$c"; \
-	  $(VENV)/bin/horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m kimad.bench.train --compression $$c; \
-	done
+	@echo "[demo] DigitsCNN on the MNIST digits, 2 Horovod ranks (Gloo): none vs static top-k 0.01 + EF vs Kimad+"
+	@echo "[demo] emulated cluster, step-down trace 100 -> 20 Mbit/s (localhost without shaping when not root)"
+	$(PY) benchmarks/e2e.py --quick --nodes $(NP) --trace step-down --rate 100 --out $(DEMO_OUT)
+	@echo "[demo] report: $(DEMO_OUT)/report.md (plots beside it)"
 
 bench: setup
 	$(PY) benchmarks/kernels.py

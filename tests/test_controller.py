@@ -135,3 +135,40 @@ def test_unknown_compressor_raises():
 
 def test_fixed_budget_object_is_accepted():
     assert Controller(world_size=2, budget=FixedBudget(0.02)).budget.budget_s() == 0.02
+
+
+def static_controller(density: float, budget_s: float | str) -> Controller:
+    return Controller(world_size=4, budget=budget_s, allocator="static", densities=(density,),
+                      min_compress_numel=1024)
+
+
+def one_density_profiles(density: float) -> list[TensorProfile]:
+    """Sizes of profiles(), with the top-k error of a plain sort at the single density."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i, numel in enumerate([200_000, 50_000, 3_000, 100]):
+        sq = np.sort(rng.standard_normal(numel) ** 2)[::-1]
+        k = min(numel, max(1, round(density * numel)))
+        out.append(TensorProfile(f"t{i}", numel, float(sq.sum()), (float(sq[k:].sum()),)))
+    return out
+
+
+@pytest.mark.parametrize("budget_s", [1e-9, 10.0, "auto"])  # "auto" before any compute: an infinite budget
+def test_static_takes_topk_at_its_density_for_large_tensors_whatever_the_budget(budget_s):
+    plan = static_controller(0.01, budget_s).plan(one_density_profiles(0.01), step=0)
+    assert [e.label for e in plan.entries] == ["topk0.01", "topk0.01", "topk0.01", "dense32"]
+    assert [e.k for e in plan.entries[:3]] == [2000, 500, 30]
+    assert plan.allocator == "static"
+
+
+def test_static_says_over_budget_exactly_when_its_plan_is_predicted_to_overrun():
+    c = static_controller(0.1, 1.0)
+    predicted = c.plan(one_density_profiles(0.1), step=0).total_time_s
+    assert not static_controller(0.1, predicted * 1.01).plan(one_density_profiles(0.1), step=0).over_budget
+    assert static_controller(0.1, predicted * 0.99).plan(one_density_profiles(0.1), step=0).over_budget
+
+
+@pytest.mark.parametrize("kwargs", [dict(densities=(0.1, 0.01)), dict(densities=None), dict(compressors=())])
+def test_static_needs_topk_and_exactly_one_density(kwargs):
+    with pytest.raises(ControllerError, match="static"):
+        Controller(world_size=2, budget=1.0, allocator="static", **{"densities": (0.1,), **kwargs})

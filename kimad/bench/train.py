@@ -6,6 +6,17 @@
 Each rank trains on its shard; gradients are averaged by ``hvd.DistributedOptimizer`` with
 the chosen ``--compression``. Rank 0 shows a progress bar and prints, per epoch, the test
 accuracy and the median step time, and at the end one JSON line with the run's figures.
+
+``--log PATH`` (rank 0) appends one JSON line per step: ``step``, ``t`` (seconds since training
+started, evaluations included), ``train_s`` (the same without evaluation time), ``wall`` (Unix time,
+to align with ``kimad.emulate --log``), ``loss`` (rank 0's batch), ``step_s``, ``bytes`` (gradient
+bytes this rank hands to the collectives: 4 per element uncompressed, 2 with fp16, Kimad's exact
+message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the user's budget),
+``comm_s`` / ``predicted_comm_s`` (the timed allgather + allreduce and the plan's prediction),
+``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included) and ``density`` (per tensor: top-k density, 1.0 dense). Every ``--eval-every-s``
+seconds of training (and at the end) every rank evaluates and rank 0 logs
+``{"eval": true, "accuracy": ...}``. ``--max-seconds`` ends training after that much training time
+(rank 0's clock, broadcast each step so every rank stops at the same step).
 """
 
 from __future__ import annotations
@@ -29,10 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Horovod's gradient compression, or Kimad's adaptive one (default: none)")
     p.add_argument("--budget", default="auto",
                    help="kimad: communication budget per step, seconds, or 'auto' (default: auto)")
-    p.add_argument("--allocator", choices=("layerwise", "uniform", "lagrangian"), default="layerwise",
-                   help="kimad: layerwise (Kimad+) or uniform (Kimad) (default: layerwise)")
+    p.add_argument("--allocator", choices=("layerwise", "uniform", "lagrangian", "static"), default="layerwise",
+                   help="kimad: layerwise (Kimad+), uniform (Kimad), or static (top-k + EF at --density, "
+                        "the GRACE/DGC baseline) (default: layerwise)")
     p.add_argument("--density", type=float, default=1e-4,
-                   help="kimad: sparsest top-k density of the menus' geometric grid (default: 1e-4)")
+                   help="kimad: sparsest top-k density of the menus' geometric grid; static: THE density "
+                        "(default: 1e-4)")
+    # --step-log: horovodrun reads a bare --log after the command as an abbreviation of its own options.
+    p.add_argument("--log", "--step-log", dest="log", default=None,
+                   help="rank 0 appends one JSON line per step and per evaluation here (alias --step-log)")
+    p.add_argument("--eval-every-s", type=float, default=0.0,
+                   help="evaluate test accuracy every this many seconds of training (0: per epoch only)")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="stop after this many seconds of training, evaluation excluded (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data split and shuffling (default: 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (default: 1)")
     p.add_argument("--log-every", type=int, default=20,
@@ -50,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--budget must be seconds or 'auto', got {args.budget!r}")
         if not args.budget > 0:
             p.error("--budget must be > 0 seconds")
+    if args.eval_every_s < 0 or args.max_seconds < 0:
+        p.error("--eval-every-s and --max-seconds must be >= 0 seconds")
     if not 0 < args.density <= 1:
         p.error("--density must be in (0, 1]")
     return args
@@ -79,19 +101,44 @@ def main(argv: list[str] | None = None) -> int:
         from kimad.control import geometric_densities
         from kimad.horovod import Kimad
 
+        densities = (args.density,) if args.allocator == "static" else geometric_densities(lo=args.density)
         compression = Kimad(model.named_parameters(), budget_s=args.budget, allocator=args.allocator,
-                            densities=geometric_densities(lo=args.density), log_every=args.log_every)
+                            densities=densities, log_every=args.log_every)
     else:
         compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
+    numel = sum(q.numel() for q in model.parameters())
+    plain_bytes = {"none": 4 * numel, "fp16": 2 * numel}.get(args.compression)
+    log = open(args.log, "a") if args.log and rank == 0 else None
+
+    def write(entry: dict) -> None:
+        if log is not None:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
 
     steps_per_epoch = len(shard) // args.batch_size
     steps_per_epoch = int(hvd.allreduce(torch.tensor(steps_per_epoch), op=hvd.Min, name="steps").item())
     step_times: list[float] = []
     shuffle = torch.Generator().manual_seed(args.seed + 1 + rank)
     started = time.perf_counter()
+    eval_s = 0.0  # seconds spent evaluating, excluded from the training clock
+    next_eval = args.eval_every_s
+    step_count, acc, stop = 0, float("nan"), False
+    evaluated_at = -1  # step_count of the last evaluation
+
+    def evaluate() -> float:
+        nonlocal eval_s, evaluated_at
+        t0 = time.perf_counter()
+        train_s = t0 - started - eval_s
+        result = accuracy(model, test)
+        eval_s += time.perf_counter() - t0
+        evaluated_at = step_count
+        write({"eval": True, "step": step_count, "t": t0 - started, "train_s": train_s, "wall": time.time(),
+               "accuracy": result})
+        return result
+
     for epoch in range(args.epochs):
         order = torch.randperm(len(shard), generator=shuffle)
         # A live bar on a terminal; under horovodrun (piped, prefixed output) plain progress lines.
@@ -104,23 +151,55 @@ def main(argv: list[str] | None = None) -> int:
             loss = torch.nn.functional.cross_entropy(model(shard.x[batch]), shard.y[batch])
             loss.backward()
             opt.step()
-            step_times.append(time.perf_counter() - t0)
+            ended = time.perf_counter()
+            step_times.append(ended - t0)
+            entry = {"step": step_count, "t": ended - started, "train_s": ended - started - eval_s,
+                     "wall": time.time(), "loss": loss.item(), "step_s": ended - t0, "bytes": plain_bytes}
+            if args.compression == "kimad":
+                m = compression.metrics
+                entry.update(bytes=m["actual_bytes"], bandwidth_bps=m["bandwidth_bps"], latency_s=m["latency_s"],
+                             budget_s=m["budget_s"], comm_s=m["actual_comm_s"],
+                             predicted_comm_s=m["predicted_comm_s"], over_budget=m["over_budget"],
+                             kimad_step_s=m["kimad_step_s"],
+                             density={n: 1.0 if t["option"] == "dense32" else float(t["option"][len("topk"):])
+                                      for n, t in m["tensors"].items()})
+            write(entry)
+            step_count += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if rank == 0 and bar.disable and (step + 1) % args.log_every == 0:
                 print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {loss.item():.3f}", flush=True)
-        acc = accuracy(model, test)
+            # Rank 0's clock decides for everyone (one tiny broadcast), so all ranks evaluate and stop together.
+            train_s = time.perf_counter() - started - eval_s
+            flags = torch.tensor([int(args.eval_every_s > 0 and train_s >= next_eval),
+                                  int(args.max_seconds > 0 and train_s >= args.max_seconds)], dtype=torch.int32)
+            flags = hvd.broadcast(flags, root_rank=0, name="train.flags").tolist()
+            if flags[0]:
+                next_eval += args.eval_every_s
+                acc = evaluate()
+            if flags[1]:
+                stop = True
+                break
+        bar.close()
+        if evaluated_at != step_count:
+            acc = evaluate()
         if rank == 0:
             tqdm.write(f"epoch {epoch + 1}: test accuracy {acc:.2%}, median step {statistics.median(step_times) * 1e3:.1f} ms")
+        if stop:
+            break
     if rank == 0:
         print(json.dumps({
             "workload": "mnist-digits-cnn", "world_size": size, "compression": args.compression,
+            **({"allocator": args.allocator} if args.compression == "kimad" else {}),
             "epochs": args.epochs, "steps": len(step_times), "test_accuracy": round(acc, 4),
             "median_step_ms": round(statistics.median(step_times) * 1e3, 2),
             "wall_s": round(time.perf_counter() - started, 2),
+            "train_s": round(time.perf_counter() - started - eval_s, 2),
             **({"kimad_budget_s": compression.metrics["budget_s"], "kimad_bytes": compression.metrics["actual_bytes"],
-                "dense_bytes": 4 * sum(q.numel() for q in model.parameters())}
+                "dense_bytes": 4 * numel}
                if args.compression == "kimad" else {}),
         }), flush=True)
+    if log is not None:
+        log.close()
     hvd.shutdown()
     return 0
 

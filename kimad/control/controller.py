@@ -13,7 +13,10 @@ Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extensi
    aggressive that fits), ``"layerwise"`` (Kimad+: multiple-choice knapsack minimising the sum of
    squared errors under the budget, exact DP over ``bins`` cost bins, or the convex-hull
    (Lagrangian) solution when that is better, since the DP loses up to one bin per tensor to
-   rounding) or ``"lagrangian"`` (the relaxation alone). When nothing fits, every tensor takes its cheapest option and the plan
+   rounding), ``"lagrangian"`` (the relaxation alone) or ``"static"`` (the GRACE/DGC baseline, not
+   Kimad: every tensor of at least ``min_compress_numel`` elements takes top-k at the controller's
+   single density ``densities=(d,)``, tiny tensors go dense, whatever the budget; ``over_budget``
+   still says honestly whether that plan's predicted time exceeds the budget). When nothing fits, every tensor takes its cheapest option and the plan
    says ``over_budget``; no tensor is ever dropped.
 
 The controller is framework-free (no Horovod import) and deterministic: the same profiles,
@@ -29,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from kimad.compressors.wire import MessageFormat
 from kimad.control.allocate import Allocation, allocate_lagrangian, allocate_layerwise, allocate_uniform
 from kimad.control.budget import AutoBudget, FixedBudget
 from kimad.control.cost import CostModel
@@ -37,7 +41,7 @@ from kimad.control.menu import Option, build_menu, geometric_densities
 from kimad.control.plan import Plan
 from kimad.errors import KimadError
 
-ALLOCATORS = ("layerwise", "uniform", "lagrangian")
+ALLOCATORS = ("layerwise", "uniform", "lagrangian", "static")
 
 
 class ControllerError(KimadError, ValueError):
@@ -72,7 +76,8 @@ class Controller:
         world_size: number of ranks (>= 1).
         budget: seconds of communication per step (float > 0), ``"auto"`` (an :class:`AutoBudget`
             with its defaults), or a :class:`FixedBudget` / :class:`AutoBudget`.
-        allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad) or ``"lagrangian"``.
+        allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad), ``"lagrangian"``, or ``"static"``
+            (fixed top-k at the one density of ``densities``, budget ignored; needs ``"topk"``).
         compressors: which compressors menus offer besides dense: ``"topk"``, ``"qsgd"``, ``"sign"``.
         densities: top-k densities of the menus (default: 16 geometric from 1e-4 to 1).
         min_compress_numel: tensors with fewer elements are always sent dense.
@@ -90,6 +95,10 @@ class Controller:
             raise ControllerError(f"unknown allocator {allocator!r}; known: {ALLOCATORS}")
         if not isinstance(bins, int) or bins < 1:
             raise ControllerError(f"bins must be an int >= 1, got {bins!r}")
+        if allocator == "static" and ("topk" not in tuple(compressors) or densities is None
+                                      or len(tuple(densities)) != 1):
+            raise ControllerError("allocator 'static' needs compressors including 'topk' and exactly one density, "
+                                  f"densities=(d,); got compressors={tuple(compressors)!r}, densities={densities!r}")
         self.world_size = world_size
         self.allocator = allocator
         self.compressors = tuple(compressors)
@@ -141,6 +150,8 @@ class Controller:
     def _allocate(self, menus: Sequence[tuple[str, Sequence[Option]]], budget_s: float) -> Allocation:
         costs = [np.array([o.time_s for o in opts], dtype=np.float64) for _, opts in menus]
         errors = [np.array([o.error for o in opts], dtype=np.float64) for _, opts in menus]
+        if self.allocator == "static":
+            return _allocate_static(menus, costs, errors, budget_s)
         if math.isinf(budget_s):
             # No limit: every tensor takes its least-error option (dense), cheapest among equals.
             choice = tuple(int(np.lexsort((c, e))[0]) for c, e in zip(costs, errors))
@@ -167,6 +178,14 @@ class Controller:
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`."""
         self.estimator.load_state_dict(state["estimator"])
+
+
+def _allocate_static(menus, costs, errors, budget_s: float) -> Allocation:
+    """Top-k (the menu's only top-k option) wherever the menu offers it, else its first option (dense)."""
+    choice = tuple(next((i for i, o in enumerate(opts) if o.fmt is MessageFormat.TOPK), 0) for _, opts in menus)
+    total_cost = math.fsum(float(c[i]) for c, i in zip(costs, choice))
+    return Allocation(choice, total_cost, math.fsum(float(e[i]) for e, i in zip(errors, choice)),
+                      total_cost > budget_s, "static")
 
 
 def _make_budget(budget: float | str | FixedBudget | AutoBudget) -> FixedBudget | AutoBudget:

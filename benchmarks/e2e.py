@@ -1,0 +1,11 @@
+"""End-to-end comparison on the emulated cluster (root) or localhost: see :mod:`kimad.bench.e2e`.
+
+    .venv/bin/python benchmarks/e2e.py --nodes 2 --trace step-down --rate 100 --out runs/e2e
+"""
+
+import sys
+
+from kimad.bench.e2e import main
+
+if __name__ == "__main__":
+    sys.exit(main())

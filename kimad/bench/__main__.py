@@ -1,0 +1,19 @@
+"""``python -m kimad.bench e2e [options]``: the end-to-end comparison (:mod:`kimad.bench.e2e`)."""
+
+import sys
+
+from kimad.bench import e2e
+
+COMMANDS = {"e2e": e2e.main}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m kimad.bench {{{','.join(COMMANDS)}}} [options]  (--help after the command)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,224 @@
+"""The end-to-end comparison: Kimad against its peers, training the digits CNN on the emulated cluster.
+
+    python benchmarks/e2e.py --nodes 2 --trace step-down --rate 100 --seconds 60 --out runs/e2e
+    python -m kimad.bench e2e --quick
+
+One Horovod job per method, same seed, each on a freshly set-up cluster whose bandwidth trace is
+restarted when that job's first training step is logged (so every method sees the same rate at the
+same training time): uncompressed Horovod, Horovod's fp16, static top-k + EF (the GRACE/DGC
+baseline, through Kimad's plugin with ``allocator="static"``) at two densities, Kimad (uniform) and
+Kimad+ (layerwise). Each job trains for ``--seconds`` of training time and evaluates test accuracy
+every ``--eval-every-s`` seconds. Per method ``runs/NAME/`` gets ``<method>.jsonl`` (per-step log of
+:mod:`kimad.bench.train`), ``rates-<method>.jsonl`` (every shaped rate applied, from the emulator) and
+``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes ``report.md`` and plots.
+
+Without root (no network namespaces) it says so and runs the same jobs with ``horovodrun`` on
+localhost, unshaped; the rate targets are then reported as not measurable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kimad.errors import KimadError
+
+# method -> arguments of kimad.bench.train (the budget is added for Kimad's plugin).
+METHODS: dict[str, list[str]] = {
+    "none": ["--compression", "none"],
+    "fp16": ["--compression", "fp16"],
+    "static0.1": ["--compression", "kimad", "--allocator", "static", "--density", "0.1"],
+    "static0.01": ["--compression", "kimad", "--allocator", "static", "--density", "0.01"],
+    "kimad": ["--compression", "kimad", "--allocator", "uniform"],
+    "kimad+": ["--compression", "kimad", "--allocator", "layerwise"],
+}
+QUICK_METHODS = ("none", "static0.01", "kimad+")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class E2EError(KimadError, RuntimeError):
+    """A training job of the comparison failed or never started."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks/e2e.py", description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=2, help="emulated nodes = Horovod ranks (default: 2)")
+    p.add_argument("--trace", default="step-down", help="kimad.emulate trace (default: step-down)")
+    p.add_argument("--rate", type=float, default=100.0, help="base rate of the trace, Mbit/s (default: 100)")
+    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
+                   help=f"methods to compare (default: all; --quick: {' '.join(QUICK_METHODS)})")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="training seconds per method = the trace's duration (default: 90; --quick: 50)")
+    p.add_argument("--epochs", type=int, default=1000, help="upper bound on epochs per method (default: 1000)")
+    p.add_argument("--eval-every-s", type=float, default=2.0, help="accuracy every this many seconds (default: 2)")
+    p.add_argument("--budget", default="0.05",
+                   help="Kimad's communication budget per step, seconds, or 'auto' (default: 0.05)")
+    p.add_argument("--target", type=float, default=0.90, help="target test accuracy (default: 0.90)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every job (default: 0)")
+    p.add_argument("--out", default="runs/e2e", help="output directory (default: runs/e2e)")
+    p.add_argument("--quick", action="store_true", help=f"methods {' '.join(QUICK_METHODS)}, 50 s each")
+    p.add_argument("--localhost", action="store_true", help="run unshaped on localhost even as root")
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(QUICK_METHODS if args.quick else METHODS)
+    if args.seconds is None:
+        args.seconds = 50.0 if args.quick else 90.0
+    if args.nodes < 2:
+        p.error("--nodes must be >= 2 (one rank has nothing to communicate)")
+    if not args.seconds > 0 or not args.eval_every_s > 0:
+        p.error("--seconds and --eval-every-s must be > 0")
+    return args
+
+
+def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list[str]:
+    """The rank command of ``method``: ``python -m kimad.bench.train`` with the comparison's options."""
+    return [sys.executable, "-m", "kimad.bench.train", *METHODS[method], "--budget", str(args.budget),
+            "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
+            "--eval-every-s", str(args.eval_every_s), "--seed", str(args.seed), "--log-every", "100",
+            "--step-log", str(log_path)]
+
+
+def rank_environment() -> dict[str, str]:
+    """This environment with this checkout first on PYTHONPATH, so ranks import the same kimad."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT))
+
+
+def _last_step(log_path: Path) -> dict | None:
+    """The last per-step entry of a training log so far (``None`` before the first)."""
+    try:
+        lines = log_path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        if not entry.get("eval"):
+            return entry
+    return None
+
+
+def _follow(done, log_path: Path, bar, seconds: float, on_start=None, on_tick=None) -> None:
+    """Poll ``log_path`` until ``done()``: update ``bar``; call ``on_start()`` at the first step, then ``on_tick()``."""
+    started = False
+    while not done():
+        entry = _last_step(log_path)
+        if entry is not None:
+            if not started and on_start is not None:
+                on_start()
+            started = True
+            bar.n = min(seconds, round(entry["train_s"], 1))
+            bar.set_postfix(step=entry["step"], loss=f"{entry['loss']:.3f}", refresh=False)
+            bar.update(0)  # redraws at most every mininterval
+        if started and on_tick is not None:
+            on_tick()
+        time.sleep(0.1)
+
+
+def run_shaped(method: str, args: argparse.Namespace, out: Path, bar) -> int:
+    """Run ``method`` on a fresh emulated cluster, playing the trace from its first training step."""
+    from kimad.emulate import Cluster, run_horovod
+
+    log_path, rates_path = out / f"{method}.jsonl", out / f"rates-{method}.jsonl"
+    cluster = Cluster(args.nodes, args.trace, rate_mbit=args.rate, duration_s=args.seconds,
+                      log_path=rates_path, play=False)
+    result: dict[str, int] = {}
+    with cluster, open(out / f"{method}.out", "w") as console:
+        job = threading.Thread(target=lambda: result.update(code=run_horovod(
+            cluster, train_command(method, args, log_path), env=rank_environment(), out=console)), daemon=True)
+        pending = sorted((c for c in cluster.trace if c.time_s > 0), key=lambda c: c.time_s)
+        clock: list[float] = []
+
+        def start() -> None:
+            clock.append(time.monotonic())
+
+        def tick() -> None:
+            while pending and time.monotonic() - clock[0] >= pending[0].time_s:
+                change = pending.pop(0)
+                cluster.set_rate(change.node, change.mbit)
+
+        job.start()
+        deadline = time.monotonic() + args.seconds + 180  # start-up and a slow tail, generously
+        _follow(lambda: not job.is_alive() or time.monotonic() > deadline, log_path, bar, args.seconds, start, tick)
+        if job.is_alive():
+            raise E2EError(f"method {method!r} did not finish within {args.seconds + 180:.0f} s; "
+                           f"see {out / method}.out")
+    return result.get("code", 1)
+
+
+def run_localhost(method: str, args: argparse.Namespace, out: Path, bar) -> int:
+    """Run ``method`` with horovodrun on localhost (no shaping)."""
+    horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).with_name("horovodrun"))
+    log_path = out / f"{method}.jsonl"
+    command = [horovodrun, "-np", str(args.nodes), "-H", f"localhost:{args.nodes}", "--gloo",
+               *train_command(method, args, log_path)]
+    with open(out / f"{method}.out", "w") as console:
+        proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT, env=rank_environment(),
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + args.seconds + 180
+            _follow(lambda: proc.poll() is not None or time.monotonic() > deadline, log_path, bar, args.seconds)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    return proc.returncode
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run every method of ``args``, then write the report; returns the report's path."""
+    from tqdm import tqdm
+
+    from kimad.bench import report
+    from kimad.emulate import PrivilegeError, require_privileges
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shaped, unshaped_reason = not args.localhost, "--localhost was given"
+    if shaped:
+        try:
+            require_privileges()
+        except PrivilegeError as error:
+            print(f"e2e: {error}; running the same comparison on localhost WITHOUT shaping", file=sys.stderr)
+            shaped, unshaped_reason = False, str(error)
+    meta = {"workload": "mnist-digits-cnn", "nodes": args.nodes, "trace": args.trace if shaped else None,
+            "rate_mbit": args.rate if shaped else None, "seconds": args.seconds, "budget": args.budget,
+            "eval_every_s": args.eval_every_s, "target": args.target, "seed": args.seed, "methods": args.methods,
+            "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    runner = run_shaped if shaped else run_localhost
+    calm = 0.1 if sys.stderr.isatty() else 10.0  # piped output: a line every 10 s, not a stream of redraws
+    for method in tqdm(args.methods, desc="methods", unit="method", position=0, mininterval=calm):
+        for stale in (out / f"{method}.jsonl", out / f"rates-{method}.jsonl"):
+            stale.unlink(missing_ok=True)
+        with tqdm(total=args.seconds, desc=f"  {method}", unit="s", position=1, leave=False, mininterval=calm) as bar:
+            code = runner(method, args, out, bar)
+        if code != 0:
+            raise E2EError(f"method {method!r} failed with exit code {code}; "
+                           f"its ranks' output is in {out / method}.out")
+    return report.write_report(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        path = run(args)
+    except KimadError as error:
+        print(f"e2e: error: {error}", file=sys.stderr)
+        return 1
+    print(f"e2e: report written to {path}")
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
