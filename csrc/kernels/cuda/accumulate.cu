@@ -2,17 +2,14 @@
 #include <cstdint>
 
 #include "kimad/cuda.h"
+#include "launch.cuh"
 
 namespace kimad {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t count) {
-  const int64_t b = (count + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 65535 * 16 ? b : 65535 * 16);  // grid-stride loops cover the rest
-}
+using launch::blocks_for;
+using launch::kThreads;
 
 __global__ void find_invalid_kernel(const int32_t* __restrict__ indices, int64_t count, int64_t numel,
                                     unsigned long long* first_invalid) {

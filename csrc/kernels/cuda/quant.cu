@@ -13,38 +13,15 @@
 #include <cub/cub.cuh>
 
 #include "kimad/quant_cuda.h"
+#include "launch.cuh"
 
 namespace kimad {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-#define KIMAD_TRY(expr)                               \
-  do {                                                \
-    const cudaError_t kimad_err_ = (expr);            \
-    if (kimad_err_ != cudaSuccess) return kimad_err_; \
-  } while (0)
-
-int blocks_for(int64_t count) {
-  const int64_t b = (count + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 65535 * 16 ? (b > 0 ? b : 1) : 65535 * 16);  // grid-stride loops cover the rest
-}
-
-// A stream-ordered device allocation freed when it goes out of scope.
-struct DeviceBuffer {
-  explicit DeviceBuffer(cudaStream_t s) : stream(s) {}
-  ~DeviceBuffer() {
-    if (ptr != nullptr) cudaFreeAsync(ptr, stream);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  cudaError_t alloc(size_t bytes) { return cudaMallocAsync(&ptr, bytes > 0 ? bytes : 1, stream); }
-  template <typename T>
-  T* as() const { return static_cast<T*>(ptr); }
-  void* ptr = nullptr;
-  cudaStream_t stream;
-};
+using launch::blocks_for;
+using launch::DeviceBuffer;
+using launch::kThreads;
 
 struct Counters {
   unsigned long long bad;
