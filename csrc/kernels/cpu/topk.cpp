@@ -1,14 +1,17 @@
 // Fused error feedback + exact top-k encode, and the error profile, on the CPU.
 //
 // topk_encode makes two passes over (g, s) and none over a sorted copy:
-//   1. per segment (one per thread): v, the histogram of the top 16 key bits of |v|, ||v||^2
-//      and the count of non-finite entries; nothing is written, so a NaN leaves no trace;
+//   1. per segment (one per thread): the histogram of the top 16 key bits of |v| (non-finite
+//      entries are exactly those of the bins >= 0x7F80); nothing is written, so a NaN leaves
+//      no trace, and nothing else is computed, so the pass is one scatter per entry;
 //   2. the merged histogram gives the bin T holding the k-th largest |v|; per segment, v is
-//      formed again (and stored, for EF), and every entry of a bin >= T is appended in index
-//      order to that segment's list (the sure picks and the candidates of bin T);
+//      formed again (and stored, for EF), the squares of the entries below T are summed, and
+//      every entry of a bin >= T is appended in index order to that segment's list (the sure
+//      picks and the candidates of bin T); chunks of 16 with no such entry are skipped whole;
 //   3. bin T is resolved exactly by a histogram of the low 16 key bits of its candidates, ties
 //      at the last key going to the lowest indices; each segment then copies its picks to the
 //      output at its offset (so the output is sorted) and updates the state at those indices.
+// ||v||^2 is the sum of squares below T plus those of the lists, so no pass sums all of v.
 #include "kimad/topk.h"
 
 #include <algorithm>
@@ -38,30 +41,39 @@ inline uint32_t abs_key(float x) {
   return u & 0x7FFFFFFFu;
 }
 
-// v = g + sign * s and the keys of |v| for one block; returns the number of non-finite entries
-// and adds the sum of squares to *sq. (sign = -1 gives g - h exactly: negation is exact.)
+// The histogram bin (top 16 key bits of |v|) of v = g + sign * s for one block. (16-bit bins:
+// half the buffer traffic of 32-bit ones, measured faster.)
+// (sign = -1 gives g - h exactly: negation is exact.)
 KIMAD_SIMD_CLONES
-int64_t form_block(const float* g, const float* s, int64_t len, float sign, float* v, uint32_t* key,
-                   double* sq) {
-  int64_t non_finite = 0;
-  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight partial sums so the reduction vectorises
+void bin_block(const float* g, const float* s, int64_t len, float sign, uint16_t* bin) {
   for (int64_t i = 0; i < len; ++i) {
     const float x = g[i] + sign * s[i];
-    v[i] = x;
     uint32_t u;
     std::memcpy(&u, &x, sizeof u);
-    u &= 0x7FFFFFFFu;
-    key[i] = u;
-    non_finite += u >= 0x7F800000u;
-    lanes[i & 7] += static_cast<double>(x) * static_cast<double>(x);
+    bin[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) >> 16);
   }
-  *sq += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  return non_finite;
 }
 
-// v = g + sign * s and its keys, without reductions (pass 2).
+// The bins and values of v for one block, for the profile's histogram.
 KIMAD_SIMD_CLONES
-void form_block_plain(const float* g, const float* s, int64_t len, float sign, float* v, uint32_t* key) {
+void bin_value_block(const float* g, const float* s, int64_t len, float sign, uint16_t* bin, float* v) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float x = g[i] + sign * s[i];
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    bin[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) >> 16);
+    v[i] = x;
+  }
+}
+
+constexpr int64_t kChunk = 16;  // entries tested at once for being a pick or candidate
+
+// Pass 2 arithmetic for one block: v, its keys, hit[c] != 0 when chunk c (kChunk entries) may
+// hold an entry of key >= top_key, and *below += the sum of squares of the entries under top_key.
+// Three simple loops rather than one, so that each vectorises.
+KIMAD_SIMD_CLONES
+void select_block(const float* g, const float* s, int64_t len, float sign, uint32_t top_key, float* v,
+                  uint32_t* key, uint32_t* hit, double* below) {
   for (int64_t i = 0; i < len; ++i) {
     const float x = g[i] + sign * s[i];
     v[i] = x;
@@ -69,6 +81,22 @@ void form_block_plain(const float* g, const float* s, int64_t len, float sign, f
     std::memcpy(&u, &x, sizeof u);
     key[i] = u & 0x7FFFFFFFu;
   }
+  const int64_t whole = len - len % kChunk;
+  for (int64_t c = 0; c < whole; c += kChunk) {
+    uint32_t top = 0;
+    for (int64_t j = 0; j < kChunk; ++j) top = std::max(top, key[c + j]);
+    hit[c / kChunk] = top >= top_key;
+  }
+  if (whole < len) hit[whole / kChunk] = 1;
+  double sum = 0.0;
+  // Reassociating this sum (vector partial sums) is fine: it is ||.||^2, not part of the output.
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < len; ++i) {
+    const double x = v[i];
+    const double under = key[i] < top_key;  // v is finite here, so 0 * x * x is 0
+    sum += under * x * x;
+  }
+  *below += sum;
 }
 
 struct Segments {
@@ -83,49 +111,47 @@ Segments segments_for(int64_t n) {
   return {std::min<int64_t>(num_threads(), by_size), n};
 }
 
+// Entries of these bins have a key >= 0x7F800000: NaN or +-Inf.
+constexpr uint32_t kFirstNonFiniteBin = 0x7F800000u >> 16;
+
 // Pass 1 over one segment: count histogram (and, when sum_squares is given, per-bin sums of
-// squares); returns the non-finite count and adds ||v||^2 of the segment to *sq.
-int64_t histogram_segment(const float* g, const float* s, int64_t begin, int64_t end, float sign,
-                          uint32_t* counts, double* sum_squares, double* sq) {
+// squares). Non-finite entries land in bins >= kFirstNonFiniteBin, so they need no own count.
+void histogram_segment(const float* g, const float* s, int64_t begin, int64_t end, float sign,
+                       uint32_t* counts, double* sum_squares) {
+  alignas(64) uint16_t bin[kBlock];
   alignas(64) float v[kBlock];
-  alignas(64) uint32_t key[kBlock];
-  int64_t non_finite = 0;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
-    non_finite += form_block(g + b, s + b, len, sign, v, key, sq);
     if (sum_squares == nullptr) {
-      for (int64_t i = 0; i < len; ++i) ++counts[key[i] >> 16];
+      bin_block(g + b, s + b, len, sign, bin);
+      for (int64_t i = 0; i < len; ++i) ++counts[bin[i]];
     } else {
+      bin_value_block(g + b, s + b, len, sign, bin, v);
       for (int64_t i = 0; i < len; ++i) {
-        ++counts[key[i] >> 16];
-        sum_squares[key[i] >> 16] += static_cast<double>(v[i]) * static_cast<double>(v[i]);
+        const double x = v[i];
+        ++counts[bin[i]];
+        sum_squares[bin[i]] += x * x;
       }
     }
   }
-  return non_finite;
 }
 
 // Pass 1 over all segments; merged counts (and sums of squares) into counts[kTopKBins].
 // Per-segment counts are kept in seg_counts (segments x kTopKBins) for the output offsets.
+// Returns the number of non-finite entries.
 int64_t histogram(const float* g, const float* s, const Segments& seg, float sign,
                   std::vector<uint32_t>& seg_counts, std::vector<uint32_t>& counts,
-                  std::vector<double>* sum_squares, double* sq_norm) {
+                  std::vector<double>* sum_squares) {
   seg_counts.assign(static_cast<size_t>(seg.count) * kTopKBins, 0);
   std::vector<double> seg_sums(sum_squares ? static_cast<size_t>(seg.count) * kTopKBins : 0, 0.0);
-  std::vector<double> seg_sq(seg.count, 0.0);
-  std::vector<int64_t> seg_bad(seg.count, 0);
 #pragma omp parallel for schedule(static, 1) num_threads(seg.count) if (seg.count > 1)
   for (int64_t t = 0; t < seg.count; ++t) {
-    seg_bad[t] = histogram_segment(g, s, seg.begin(t), seg.end(t), sign, seg_counts.data() + t * kTopKBins,
-                                   sum_squares ? seg_sums.data() + t * kTopKBins : nullptr, &seg_sq[t]);
+    histogram_segment(g, s, seg.begin(t), seg.end(t), sign, seg_counts.data() + t * kTopKBins,
+                      sum_squares ? seg_sums.data() + t * kTopKBins : nullptr);
   }
   counts.assign(kTopKBins, 0);
   if (sum_squares) sum_squares->assign(kTopKBins, 0.0);
-  int64_t non_finite = 0;
-  *sq_norm = 0.0;
   for (int64_t t = 0; t < seg.count; ++t) {  // in segment order: deterministic for a thread count
-    non_finite += seg_bad[t];
-    *sq_norm += seg_sq[t];
     const uint32_t* c = seg_counts.data() + t * kTopKBins;
     for (int b = 0; b < kTopKBins; ++b) counts[b] += c[b];
     if (sum_squares) {
@@ -133,6 +159,8 @@ int64_t histogram(const float* g, const float* s, const Segments& seg, float sig
       for (int b = 0; b < kTopKBins; ++b) (*sum_squares)[b] += q[b];
     }
   }
+  int64_t non_finite = 0;
+  for (uint32_t b = kFirstNonFiniteBin; b < kNoBin; ++b) non_finite += counts[b];
   return non_finite;
 }
 
@@ -142,20 +170,31 @@ double gather_segment(const float* g, float* s, int64_t begin, int64_t end, floa
                       uint32_t top_bin, int32_t* idx, float* val) {
   alignas(64) float v[kBlock];
   alignas(64) uint32_t key[kBlock];
+  alignas(64) uint32_t hit[kBlock / kChunk];
+  // top_bin == kNoBin selects nothing; its key (1 << 32) does not fit, and no key reaches 2^31.
+  const uint32_t top_key = top_bin >= kNoBin ? 0xFFFFFFFFu : top_bin << 16;
   double below = 0.0;
   int64_t p = 0;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
-    form_block_plain(g + b, s + b, len, sign, v, key);
+    select_block(g + b, s + b, len, sign, top_key, v, key, hit, &below);
     if (store_v) std::memcpy(s + b, v, static_cast<size_t>(len) * sizeof(float));
-    for (int64_t i = 0; i < len; ++i) {
-      if ((key[i] >> 16) >= top_bin) {
-        idx[p] = static_cast<int32_t>(b + i);
-        val[p] = v[i];
-        ++p;
-      } else {
-        below += static_cast<double>(v[i]) * static_cast<double>(v[i]);
+    for (int64_t c = 0; c < len; c += kChunk) {
+      if (!hit[c / kChunk]) continue;  // most chunks hold no pick: skip them whole
+      // Branch-free append to a local buffer (the list has no room past its end).
+      int32_t chunk_idx[kChunk];
+      float chunk_val[kChunk];
+      int64_t m = 0;
+      const int64_t stop = std::min(len, c + kChunk);
+      for (int64_t i = c; i < stop; ++i) {
+        chunk_idx[m] = static_cast<int32_t>(b + i);
+        chunk_val[m] = v[i];
+        m += key[i] >= top_key;
       }
+      if (m == 0) continue;  // (the last chunk is always scanned; the list may be empty)
+      std::memcpy(idx + p, chunk_idx, static_cast<size_t>(m) * sizeof(int32_t));
+      std::memcpy(val + p, chunk_val, static_cast<size_t>(m) * sizeof(float));
+      p += m;
     }
   }
   return below;
@@ -173,7 +212,7 @@ TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode,
 
   // 1. Histogram; reject non-finite input before anything is written.
   std::vector<uint32_t> seg_counts, counts;
-  stats.non_finite = histogram(grad, state, seg, sign, seg_counts, counts, nullptr, &stats.sq_norm);
+  stats.non_finite = histogram(grad, state, seg, sign, seg_counts, counts, nullptr);
   if (stats.non_finite > 0) return stats;
 
   // The bin T of the k-th largest: bins above T are all sent, `need` of bin T's entries are.
@@ -205,8 +244,9 @@ TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode,
     seg_below[t] = gather_segment(grad, state, seg.begin(t), seg.end(t), sign, ef, top_bin,
                                   list_idx.data() + list_begin[t], list_val.data() + list_begin[t]);
   }
-  if (k == 0) {
+  if (k == 0) {  // the lists are empty: ||v||^2 is all below
     for (int64_t t = 0; t < seg.count; ++t) stats.sq_error += seg_below[t];
+    stats.sq_norm = stats.sq_error;
     return stats;
   }
 
@@ -245,11 +285,11 @@ TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode,
     ties_left -= seg_ties[t];
     out_begin[t + 1] = out_begin[t] + sure + seg_ties[t];
   }
-  std::vector<double> seg_unsent(seg.count, 0.0);
+  std::vector<double> seg_unsent(seg.count, 0.0), seg_sent(seg.count, 0.0);
 #pragma omp parallel for schedule(static, 1) num_threads(seg.count) if (seg.count > 1)
   for (int64_t t = 0; t < seg.count; ++t) {
     int64_t q = out_begin[t], ties_left = seg_ties[t];
-    double unsent = 0.0;
+    double unsent = 0.0, sent_sq = 0.0;
     for (int64_t p = list_begin[t]; p < list_begin[t + 1]; ++p) {
       const float x = list_val[p];
       const uint32_t key = abs_key(x);
@@ -258,6 +298,7 @@ TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode,
         unsent += static_cast<double>(x) * static_cast<double>(x);
         continue;
       }
+      sent_sq += static_cast<double>(x) * static_cast<double>(x);
       const int32_t i = list_idx[p];
       values[q] = x;
       indices[q] = i;
@@ -269,8 +310,13 @@ TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode,
       }
     }
     seg_unsent[t] = unsent;
+    seg_sent[t] = sent_sq;
   }
-  for (int64_t t = 0; t < seg.count; ++t) stats.sq_error += seg_below[t] + seg_unsent[t];
+  // ||v||^2 = below T + unsent candidates + sent, so pass 1 needs no sum of squares.
+  for (int64_t t = 0; t < seg.count; ++t) {
+    stats.sq_error += seg_below[t] + seg_unsent[t];
+    stats.sq_norm += seg_below[t] + seg_unsent[t] + seg_sent[t];
+  }
   return stats;
 }
 
@@ -310,10 +356,10 @@ TopKStats error_profile(const float* grad, const float* state, int64_t n, Feedba
   std::vector<uint32_t> seg_counts, counts(kTopKBins, 0);
   std::vector<double> sum_squares(kTopKBins, 0.0);
   if (n > 0) {
-    stats.non_finite = histogram(grad, state, segments_for(n), sign, seg_counts, counts, &sum_squares,
-                                 &stats.sq_norm);
+    stats.non_finite = histogram(grad, state, segments_for(n), sign, seg_counts, counts, &sum_squares);
     if (stats.non_finite > 0) return stats;
   }
+  for (int b = 0; b < kTopKBins; ++b) stats.sq_norm += sum_squares[b];  // ||v||^2 by bins
   profile_from_histogram(counts.data(), sum_squares.data(), ks, R, errors);
   stats.sq_error = 0.0;
   return stats;
