@@ -194,7 +194,8 @@ def test_nan_negative_or_unknown_inputs_raise_a_named_error(sample):
 
 @pytest.mark.parametrize("kwargs", [dict(initial_bandwidth_bps=0), dict(initial_latency_s=-1),
                                     dict(half_life_steps=math.nan),
-                                    dict(window=0), dict(outlier_cutoff=-1), dict(max_bandwidth_bps=math.nan)])
+                                    dict(window=0), dict(outlier_cutoff=-1), dict(max_bandwidth_bps=math.nan),
+                                    dict(change_samples=2), dict(change_sigmas=0)])
 def test_bad_settings_raise_a_named_error(kwargs):
     with pytest.raises(EstimatorError):
         BandwidthEstimator(**kwargs)
@@ -219,3 +220,63 @@ def test_the_prior_stands_while_no_sample_was_accepted_even_as_steps_advance():
     got = est.estimate()
     assert (got.bandwidth_bps, got.latency_s, got.effective_samples) == (2e9, 1e-4, 0.0)
     assert est.rejected["single_rank"] == 2
+
+
+def feed_training(est, rng, steps, bandwidth_bps, start=0, latency_s=20e-6, n=8, noise=0.1, stall_at=()):
+    """A training job's samples: per step one allgather of 10-100 KB and one allreduce of 10 KB-1 MB,
+    lognormal noise; the allreduce of each step in stall_at takes 10x as long (a stalled rank)."""
+    for step in range(start, start + steps):
+        for kind, sizes in (("allgather", (4, 5)), ("allreduce", (4, 6))):
+            nbytes = int(10 ** rng.uniform(*sizes))
+            seconds = true_seconds(kind, n, nbytes, bandwidth_bps, latency_s) * math.exp(rng.normal(0, noise))
+            est.add(kind, n, nbytes, seconds * (10 if kind == "allreduce" and step in stall_at else 1), step)
+
+
+@pytest.mark.parametrize("before_bps, after_bps", [(1e9, 2e8), (2e8, 1e9)])
+@pytest.mark.parametrize("seed", range(5))
+def test_a_5x_step_change_is_followed_within_5_steps_at_the_default_half_life(before_bps, after_bps, seed):
+    est = BandwidthEstimator()
+    rng = np.random.default_rng(seed)
+    for step in range(45):  # the controller asks for an estimate every step
+        feed_training(est, rng, 1, before_bps if step < 30 else after_bps, start=step)
+        got = est.estimate().bandwidth_bps
+        if step >= 34:  # from the 5th step on the new link, and staying there
+            assert got == pytest.approx(after_bps, rel=0.15), f"step {step}"
+    assert est.state.regime_changes == 1
+
+
+def test_a_single_10x_stalled_sample_does_not_reset_the_fit():
+    est = BandwidthEstimator()
+    rng = np.random.default_rng(10)
+    feed_training(est, rng, 30, 1e9)
+    before = est.estimate().bandwidth_bps
+    feed_training(est, rng, 1, 1e9, start=30, stall_at={30})
+    assert est.estimate().bandwidth_bps == pytest.approx(before, rel=0.05)
+    for step in range(31, 36):
+        feed_training(est, rng, 1, 1e9, start=step)
+        est.estimate()
+    assert est.state.regime_changes == 0
+    assert est.estimate().bandwidth_bps == pytest.approx(1e9, rel=0.05)
+
+
+def test_two_isolated_stalls_3_steps_apart_do_not_reset_the_fit():
+    est = BandwidthEstimator()
+    rng = np.random.default_rng(11)
+    feed_training(est, rng, 30, 1e9)
+    before = est.estimate().bandwidth_bps
+    for step in range(30, 35):
+        feed_training(est, rng, 1, 1e9, start=step, stall_at={30, 33})
+        est.estimate()
+    assert est.estimate().bandwidth_bps == pytest.approx(before, rel=0.05)
+    assert est.state.regime_changes == 0
+
+
+def test_a_state_dict_saved_before_change_detection_existed_still_loads():
+    a = BandwidthEstimator()
+    feed_training(a, np.random.default_rng(12), 10, 1e9)
+    old = {k: v for k, v in a.state_dict().items()
+           if k not in ("change_samples", "change_sigmas", "regime_changes", "latency_held_until_step",
+                        "old_regime_latency_s", "old_regime_latency_var")}
+    b = BandwidthEstimator()
+    b.load_state_dict(old)
+    assert b.estimate() == a.estimate()

@@ -14,11 +14,25 @@ the same formulas the cost model predicts with), ``alpha`` the per-message laten
    half-life), Tukey biweight iterations give zero weight to samples more than ``outlier_cutoff``
    robust standard deviations (``1.4826 * weighted MAD`` of ``r``) from the fit; the fit with the
    smaller weighted median ``|r|`` wins. Zero-weight samples are counted in ``outliers``. A stalled
-   rank's single huge duration is thus ignored, and a step change in the link is followed once the
-   new samples carry most of the weight (about one half-life).
+   rank's single huge duration is thus ignored; on its own this fit follows a step change in the
+   link once the new samples carry most of the weight (about one half-life), step 5 makes it faster.
 4. If the samples do not separate ``alpha`` from ``beta`` (all of about one size, so ``X / T`` is the
    same everywhere), or the joint fit is unphysical (``alpha < 0`` or ``beta <= 0``), keep the last
    identified latency (initially the prior) and fit ``beta`` alone; failing that, ``alpha = 0``.
+5. Regime change. Walk back from the newest sample over those whose ``r`` against the fit has the
+   newest one's sign and exceeds the threshold; samples that spend under half their predicted time
+   on bits may sit in this run (they cannot see a bandwidth change), any other sample ends it. The
+   run is a new regime if it holds at least ``change_samples`` (>= 3) such samples, spans at least
+   ``0.2 * half_life_steps`` steps (1 step at the default 5) and older samples precede it. It is
+   found against the current fit with a 10% threshold, then confirmed against a fit of the samples
+   before it, with threshold ``max(change_sigmas * 1.4826 * MAD, log 1.1)`` of *their* residuals
+   (the current fit, already leaning to the new samples, would inflate the spread). On a change the
+   samples before the run are dropped and the fit is redone; for ``2 * half_life_steps`` steps the
+   latency is then held at the inverse-variance pool of the old regime's latency and the new samples'
+   joint estimate (a bandwidth change leaves the latency, and a few samples identify it poorly).
+   A single stalled sample, or isolated ones, never form a run of 3, so they cannot trigger this;
+   ``regime_changes`` counts the changes. Detection is evaluated when an estimate is asked for: ask
+   every step (as the controller does) for the fastest reaction.
 
 Samples that cannot be a real measurement -- a zero duration, or one implying more than
 ``max_bandwidth_bps`` -- are not fitted and are counted in ``rejected``. NaN, infinite or negative
@@ -41,6 +55,10 @@ _TUKEY_ITERS = 10
 _MIN_REL_SCALE = 1e-3  # relative residual scale floor: noise-free samples must not make every sample an outlier
 _IDENTIFIABLE_TOL = 1e-4  # 1 - cos^2 between the latency and bandwidth columns below which they are collinear
 _MIN_WEIGHT = 1e-4  # samples forgotten below this weight are dropped from the window
+_MIN_CHANGE = math.log(1.1)  # a regime change moves the link by more than 10%, whatever the noise
+_CHANGE_HALF_LIVES = 0.2  # ... and lasts at least this many half-lives (1 step at the default 5)
+_HOLD_HALF_LIVES = 2.0  # after a regime change the old latency is held this many half-lives (few new samples)
+_MUTE_SHARE = 0.5  # a sample spending less of its time on bits than this cannot tell a bandwidth change apart
 
 
 class EstimatorError(KimadError, ValueError):
@@ -80,12 +98,18 @@ class EstimatorState:
     window: int = 512
     max_bandwidth_bps: float = 1e13
     outlier_cutoff: float = 5.0
+    change_samples: int = 3
+    change_sigmas: float = 4.0
     samples: list = dataclasses.field(default_factory=list)
     step_now: int = 0
     rejected_zero_duration: int = 0
     rejected_too_fast: int = 0
     ignored_single_rank: int = 0
     outliers: int = 0
+    regime_changes: int = 0
+    latency_held_until_step: int = -1
+    old_regime_latency_s: float = math.nan
+    old_regime_latency_var: float = math.inf
     bandwidth_bps: float = math.nan
     latency_s: float = math.nan
     bandwidth_rel_stderr: float = math.inf
@@ -118,15 +142,20 @@ class BandwidthEstimator:
         window: at most this many recent samples are fitted.
         max_bandwidth_bps: a sample implying more bits/s than this is rejected as absurd.
         outlier_cutoff: samples farther than this many robust standard deviations from the fit get weight 0.
+        change_samples: a regime change needs at least this many (>= 3) latest samples off the fit on one side.
+        change_sigmas: ... each farther than this many robust standard deviations (and 10%) from the fit.
     """
 
     def __init__(self, *, initial_bandwidth_bps: float = 1e9, initial_latency_s: float = 50e-6,
                  half_life_steps: float = 5.0, window: int = 512, max_bandwidth_bps: float = 1e13,
-                 outlier_cutoff: float = 5.0) -> None:
+                 outlier_cutoff: float = 5.0, change_samples: int = 3, change_sigmas: float = 4.0) -> None:
         if not math.isfinite(float(initial_latency_s)) or initial_latency_s < 0:
             raise EstimatorError(f"initial_latency_s must be a finite number >= 0 seconds, got {initial_latency_s!r}")
         if not isinstance(window, int) or window < 1:
             raise EstimatorError(f"window must be an int >= 1 samples, got {window!r}")
+        if not isinstance(change_samples, int) or isinstance(change_samples, bool) or change_samples < 3:
+            raise EstimatorError(f"change_samples must be an int >= 3 samples (fewer lets outliers reset the fit), "
+                                 f"got {change_samples!r}")
         self.state = EstimatorState(
             initial_bandwidth_bps=_positive("initial_bandwidth_bps", initial_bandwidth_bps),
             initial_latency_s=float(initial_latency_s),
@@ -134,6 +163,8 @@ class BandwidthEstimator:
             window=window,
             max_bandwidth_bps=_positive("max_bandwidth_bps", max_bandwidth_bps, allow_inf=True),
             outlier_cutoff=_positive("outlier_cutoff", outlier_cutoff),
+            change_samples=change_samples,
+            change_sigmas=_positive("change_sigmas", change_sigmas),
         )
         self.state.bandwidth_bps = self.state.initial_bandwidth_bps
         self.state.latency_s = self.state.initial_latency_s
@@ -229,6 +260,73 @@ class BandwidthEstimator:
         if not s.samples:  # everything forgotten: keep the last estimate, with no evidence behind it
             s.bandwidth_rel_stderr, s.effective_samples, s.latency_identified, s.outliers = math.inf, 0.0, False, 0
             return
+        fit = self._robust_fit(data, w)
+        change, old = self._change_point(data, w, fit)
+        if change > 0:  # a new regime: the samples before it describe a link that is gone
+            s.old_regime_latency_s, s.old_regime_latency_var = old[0], self._latency_var(data[:len(old[3])], old)
+            del s.samples[:change]
+            data, w = data[change:], w[change:]
+            s.regime_changes += 1
+            s.latency_held_until_step = int(data[0, 3] + math.ceil(_HOLD_HALF_LIVES * s.half_life_steps))
+            fit = self._robust_fit(data, w)
+        if s.step_now < s.latency_held_until_step:
+            # A bandwidth change leaves the latency: while the new samples are few, pool the old regime's
+            # latency with theirs (inverse-variance weights) and fit the bandwidth with that latency held.
+            var = self._latency_var(data, fit)
+            parts = [(x, v) for x, v in ((s.old_regime_latency_s, s.old_regime_latency_var), (fit[0], var))
+                     if math.isfinite(x) and 0 < v < math.inf]
+            if parts:
+                s.latency_s = sum(x / v for x, v in parts) / sum(1 / v for _, v in parts)
+            elif math.isfinite(s.old_regime_latency_s):
+                s.latency_s = s.old_regime_latency_s
+            fit = self._robust_fit(data, w, joint=False)
+        latency, seconds_per_bit, joint, u = fit
+
+        # Uncertainty in the scaled columns of the fit (see _robust_fit).
+        a, b = data[:, 0] / data[:, 2], data[:, 1] / data[:, 2]
+        ca, cb = float(a.max()) or 1.0, float(b.max()) or 1.0
+        a, b = a / ca, b / cb
+        alpha, beta = latency * ca, seconds_per_bit * cb
+        q = np.maximum(alpha * a + beta * b, 1e-12)
+        r = -np.log(q)
+        n_eff = float(np.sum(u)) ** 2 / float(np.sum(u * u))
+        p = 2 if joint else 1
+        rel_se = math.inf
+        if n_eff > p and float(np.sum(u * b * b)) > 0:  # (zero-byte samples say nothing about bandwidth)
+            v = u * (n_eff / float(np.sum(u)))  # the final robust weights, summing to n_eff
+            sigma2 = float(np.sum(v * r * r)) / (n_eff - p)
+            ja, jb = a / q, b / q  # Jacobian of the log residual
+            vaa, vbb, vab = float(np.sum(v * ja * ja)), float(np.sum(v * jb * jb)), float(np.sum(v * ja * jb))
+            var_beta = sigma2 * (vaa / (vaa * vbb - vab * vab) if joint else 1.0 / vbb)
+            rel_se = math.sqrt(max(var_beta, 0.0)) / beta
+        s.bandwidth_bps = 1.0 / seconds_per_bit
+        s.latency_s = latency
+        s.bandwidth_rel_stderr = rel_se
+        s.effective_samples = n_eff
+        s.latency_identified = joint
+        s.outliers = int(np.sum((u == 0) & (w > 0)))
+
+    @staticmethod
+    def _latency_var(data: np.ndarray, fit: tuple) -> float:
+        """Variance (s^2) of a joint fit's latency from its weighted log residuals; ``inf`` if not joint."""
+        latency, seconds_per_bit, joint, u = fit
+        n_eff = float(np.sum(u)) ** 2 / max(float(np.sum(u * u)), 1e-300)
+        if not joint or n_eff <= 2:
+            return math.inf
+        predicted = np.maximum(latency * data[:, 0] + seconds_per_bit * data[:, 1], 1e-300)
+        r = np.log(data[:, 2] / predicted)
+        v = u * (n_eff / float(np.sum(u)))
+        sigma2 = float(np.sum(v * r * r)) / (n_eff - 2)
+        ja, jb = data[:, 0] / predicted, data[:, 1] / predicted  # Jacobian of the log residual
+        vaa, vbb, vab = float(np.sum(v * ja * ja)), float(np.sum(v * jb * jb)), float(np.sum(v * ja * jb))
+        det = vaa * vbb - vab * vab
+        return sigma2 * vbb / det if det > 0 else math.inf
+
+    def _robust_fit(self, data: np.ndarray, w: np.ndarray, joint: bool = True) -> tuple[float, float, bool, np.ndarray]:
+        """Steps 2-4 of the module docstring on ``data`` (rows ``(T, X bits, seconds, step)``) with forgetting
+        weights ``w`` (``joint=False``: hold ``state.latency_s``): returns ``(latency seconds, seconds per bit,
+        latency identified, robust weights)``."""
+        s = self.state
         # Rows divided by the measured time: the model reads 1 ~ alpha * T / y + beta * X / y.
         a, b = data[:, 0] / data[:, 2], data[:, 1] / data[:, 2]
         ca, cb = float(a.max()) or 1.0, float(b.max()) or 1.0  # (zero-byte samples only: b is all 0)
@@ -236,8 +334,8 @@ class BandwidthEstimator:
         held_alpha, held_beta = s.latency_s * ca, cb / s.bandwidth_bps
 
         saa, sbb = float(np.sum(w * a * a)), float(np.sum(w * b * b))
-        identifiable = saa > 0 and sbb > 0 and 1 - float(np.sum(w * a * b)) ** 2 / (saa * sbb) >= _IDENTIFIABLE_TOL
-
+        identifiable = (joint and saa > 0 and sbb > 0
+                        and 1 - float(np.sum(w * a * b)) ** 2 / (saa * sbb) >= _IDENTIFIABLE_TOL)
         def solve(u: np.ndarray, target: np.ndarray | float = 1.0) -> tuple[float, float, bool]:
             # weighted least squares of alpha * a + beta * b against target, physical solutions only
             uaa, ubb, uab = float(np.sum(u * a * a)), float(np.sum(u * b * b)), float(np.sum(u * a * b))
@@ -287,21 +385,38 @@ class BandwidthEstimator:
             if best is None or lmeds < best[0]:
                 best = (lmeds, fit)
         alpha, beta, joint, u = best[1]
+        return alpha / ca, beta / cb, joint, u
 
-        r, q = residuals(alpha, beta)
-        n_eff = float(np.sum(u)) ** 2 / float(np.sum(u * u))
-        p = 2 if joint else 1
-        rel_se = math.inf
-        if n_eff > p and float(np.sum(u * b * b)) > 0:  # (zero-byte samples say nothing about bandwidth)
-            v = u * (n_eff / float(np.sum(u)))  # the final robust weights, summing to n_eff
-            sigma2 = float(np.sum(v * r * r)) / (n_eff - p)
-            ja, jb = a / q, b / q  # Jacobian of the log residual
-            vaa, vbb, vab = float(np.sum(v * ja * ja)), float(np.sum(v * jb * jb)), float(np.sum(v * ja * jb))
-            var_beta = sigma2 * (vaa / (vaa * vbb - vab * vab) if joint else 1.0 / vbb)
-            rel_se = math.sqrt(max(var_beta, 0.0)) / beta
-        s.bandwidth_bps = cb / beta
-        s.latency_s = alpha / ca
-        s.bandwidth_rel_stderr = rel_se
-        s.effective_samples = n_eff
-        s.latency_identified = joint
-        s.outliers = int(np.sum((u == 0) & (w > 0)))
+    def _change_point(self, data: np.ndarray, w: np.ndarray, fit: tuple) -> tuple[int, tuple | None]:
+        """Step 5 of the module docstring: the index of the first sample of a new regime (0 if none) and
+        the fit of the samples before it."""
+        s = self.state
+
+        def trailing_run(fit: tuple, threshold: float) -> int:
+            # walk back over the samples off the fit by more than threshold on the last one's side; samples
+            # mostly spent on latency may sit in the run (they cannot see a bandwidth change), any other ends it
+            latency, seconds_per_bit = fit[0], fit[1]
+            bits_time, predicted = seconds_per_bit * data[:, 1], latency * data[:, 0] + seconds_per_bit * data[:, 1]
+            r = np.log(data[:, 2] / np.maximum(predicted, 1e-300))
+            side, count, start = np.sign(r[-1]), 0, len(r)
+            for i in range(len(r) - 1, -1, -1):
+                if np.sign(r[i]) == side and abs(r[i]) > threshold:
+                    count, start = count + 1, i
+                elif abs(r[i]) > threshold or bits_time[i] >= _MUTE_SHARE * predicted[i]:
+                    break
+            if count < s.change_samples or data[-1, 3] - data[start, 3] < _CHANGE_HALF_LIVES * s.half_life_steps:
+                return 0
+            return start
+
+        # A candidate from the current fit, which may already lean towards the new samples ...
+        candidate = trailing_run(fit, _MIN_CHANGE)
+        if candidate == 0:
+            return 0, None
+        # ... confirmed against the fit of the samples before it, in units of their own robust spread.
+        old = self._robust_fit(data[:candidate], w[:candidate])
+        predicted = old[0] * data[:candidate, 0] + old[1] * data[:candidate, 1]
+        r_old = np.abs(np.log(data[:candidate, 2] / np.maximum(predicted, 1e-300)))
+        if not np.any(old[3] > 0):
+            return 0, None
+        scale = max(1.4826 * _weighted_median(r_old, old[3]), _MIN_REL_SCALE)
+        return trailing_run(old, max(s.change_sigmas * scale, _MIN_CHANGE)), old
