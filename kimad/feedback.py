@@ -41,6 +41,7 @@ class ErrorFeedback:
         self.mode = mode
         self.local: dict[str, torch.Tensor] = {}  # h (EF21) or e (EF)
         self.global_estimate: dict[str, torch.Tensor] = {}  # H (EF21 only)
+        self._scratch: torch.Tensor | None = None  # where estimate_topk sums c (float32, the largest tensor's size)
 
     def _state(self, store: dict[str, torch.Tensor], name: str, grad: torch.Tensor) -> torch.Tensor:
         state = store.get(name)
@@ -64,12 +65,12 @@ class ErrorFeedback:
 
     def correct(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """``v``: ``g - h`` (EF21), ``g + e`` (EF) or ``g`` (None), as a new float32 tensor of ``grad``'s shape."""
-        v = grad.detach().to(torch.float32).contiguous().clone()
-        if self.mode == "ef21":
-            v -= self._state(self.local, name, grad).view_as(v)
-        elif self.mode == "ef":
-            v += self._state(self.local, name, grad).view_as(v)
-        return v
+        g = grad.detach().to(torch.float32)
+        if self.mode is None:
+            return g.contiguous().clone()
+        state = self._state(self.local, name, grad).view(g.shape)
+        # One pass into a new tensor (not a copy and then an in-place update).
+        return (torch.sub(g, state) if self.mode == "ef21" else torch.add(g, state)).contiguous()
 
     def sent_dense(self, name: str, v: torch.Tensor) -> None:
         """Record that ``v`` (from :meth:`correct`) was sent uncompressed: EF21 ``h += v``; EF ``e = 0``."""
@@ -86,6 +87,30 @@ class ErrorFeedback:
         estimate = self._state(self.global_estimate, name, aggregate)
         estimate.view_as(aggregate).add_(aggregate)
         return estimate.clone().view_as(aggregate)
+
+    def estimate_topk(self, name: str, messages: list[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        """:meth:`estimate` of ``c = scale * (sum of the ranks' top-k messages)``, given as ``(values, indices)``
+        pairs in rank order for a tensor shaped like ``like``; a new float32 tensor of ``like``'s shape.
+
+        EF21 sums ``c`` in a reused buffer (no new tensor per step) and then ``H += c``: bitwise the
+        same ``H`` as :meth:`estimate` of a fresh ``c``. (Adding the messages straight into ``H``
+        rounds differently and measurably changed training, so the order is kept.)
+        """
+        if self.mode != "ef21":
+            c = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+            for values, indices in messages:
+                ops.sparse_accumulate(c, values, indices, scale=scale, name=name)
+            return c
+        n = like.numel()
+        if self._scratch is None or self._scratch.numel() < n or self._scratch.device != like.device:
+            self._scratch = torch.empty(n, dtype=torch.float32, device=like.device)
+        c = self._scratch[:n].zero_()
+        for values, indices in messages:
+            ops.sparse_accumulate(c, values, indices, scale=scale, name=name)
+        estimate = self._state(self.global_estimate, name, like).view(-1)
+        estimate.add_(c)
+        return estimate.clone().view(like.shape)
 
     def state_dict(self) -> dict:
         """Copies of every state tensor, per name."""

@@ -41,8 +41,9 @@ needs all gradients at once (one plan for the whole step), so:
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
       ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs);
    g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_accumulate` into
-      the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average); dense tensors come from the
-      allreduce. EF21: the optimizer sees the global estimate ``H += c``; EF / None: it sees ``c``.
+      the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average; for EF21 in a buffer reused
+      across tensors and steps); dense tensors come from the allreduce. EF21: the optimizer sees
+      (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
 3. ``decompress`` returns the tensor's result, reshaped and cast to the gradient's dtype.
 
 Budget and batching: the cost model prices every tensor as its own collective (one latency each),
@@ -74,7 +75,6 @@ from typing import Iterable
 
 import torch
 
-from kimad import ops
 from kimad.compressors.topk import decode_topk, encode_topk
 from kimad.compressors.wire import MessageFormat
 from kimad.control import AutoBudget, BandwidthEstimator, Controller, Plan, TensorProfile
@@ -363,16 +363,18 @@ class Kimad:
         for entry, name, g in zip(plan.entries, names, grads):
             n = g.numel()
             if entry.fmt is MessageFormat.TOPK:
-                c = torch.zeros(n, dtype=torch.float32, device=g.device)
+                messages = []
                 for r in range(world):
                     seg = gathered[r * per_rank + sparse_pos: r * per_rank + sparse_pos + entry.bytes]
                     values, indices = decode_topk(seg, n, name=name)
-                    ops.sparse_accumulate(c, values.to(g.device), indices.to(g.device), scale=scale, name=name)
+                    messages.append((values.to(g.device), indices.to(g.device)))
                 sparse_pos += entry.bytes
+                estimate = fb.estimate_topk(name, messages, g, scale)
             else:
                 c = dense_sum[dense_pos: dense_pos + n] * scale
                 dense_pos += n
-            self._results[name] = fb.estimate(name, c.view(g.shape)).to(g.dtype).view(g.shape)
+                estimate = fb.estimate(name, c.view(g.shape))
+            self._results[name] = estimate.to(g.dtype).view(g.shape)
 
         ended = time.perf_counter()
         timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}

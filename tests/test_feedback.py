@@ -141,3 +141,53 @@ def test_error_profile_matches_the_message_error_and_leaves_state_alone():
     v = grads(1) - before
     assert sq_norm == pytest.approx(float(v.pow(2).sum()), rel=1e-5)
     assert errors == pytest.approx([float(v.pow(2).sum()), 0.0], rel=1e-5)
+
+
+def ranks_messages(world: int, n: int, k: int, seed: int):
+    """Each rank's top-k message (values, ascending int32 indices) for a tensor of n elements; positions overlap."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(k, generator=g), torch.randperm(n, generator=g)[:k].sort().values.to(torch.int32))
+            for _ in range(world)]
+
+
+def dense_aggregate(messages, n: int, scale: float) -> torch.Tensor:
+    c = torch.zeros(n)
+    for values, indices in messages:  # rank by rank, as the plugin sums them
+        c.index_add_(0, indices.long(), scale * values)
+    return c
+
+
+@pytest.mark.parametrize("mode", ["ef21", "ef", None])
+def test_estimate_topk_is_bitwise_estimate_of_the_dense_aggregate(mode):
+    fast, plain = ErrorFeedback(mode), ErrorFeedback(mode)
+    like = torch.zeros(4, 6)
+    for step in range(3):
+        messages = ranks_messages(3, 24, 10, step)
+        got = fast.estimate_topk("w", messages, like, 1 / 3)
+        expected = plain.estimate("w", dense_aggregate(messages, 24, 1 / 3).view(4, 6))
+        assert got.shape == (4, 6) and got.dtype == torch.float32
+        assert torch.equal(got, expected)
+
+
+def test_estimate_topk_hands_out_a_copy_of_ef21_h():
+    fb = ErrorFeedback("ef21")
+    messages = ranks_messages(2, 24, 5, 0)
+    got = fb.estimate_topk("w", messages, torch.zeros(24), 0.5)
+    got.zero_()  # the optimizer may modify what it was given; H must not change
+    assert torch.allclose(fb.global_estimate["w"], dense_aggregate(messages, 24, 0.5))
+
+
+def test_estimate_topk_is_bitwise_reproducible_for_the_same_messages_in_the_same_order():
+    a, b = ErrorFeedback("ef21"), ErrorFeedback("ef21")  # two ranks
+    for step in range(3):
+        messages = ranks_messages(4, 1000, 300, step)
+        assert torch.equal(a.estimate_topk("w", messages, torch.zeros(1000), 0.25),
+                           b.estimate_topk("w", messages, torch.zeros(1000), 0.25))
+
+
+def test_estimate_topk_of_a_smaller_tensor_after_a_larger_one_starts_from_zero():
+    fb, plain = ErrorFeedback("ef21"), ErrorFeedback("ef21")
+    big, small = ranks_messages(2, 1000, 400, 0), ranks_messages(2, 24, 10, 1)
+    fb.estimate_topk("big", big, torch.zeros(1000), 0.5)  # leaves nonzero sums behind if the buffer were not cleared
+    assert torch.equal(fb.estimate_topk("small", small, torch.zeros(24), 0.5),
+                       plain.estimate("small", dense_aggregate(small, 24, 0.5)))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimad.compressors.topk import INDEX_KIND_BITMAP, INDEX_KIND_INT32, decode_topk, encode_topk
-from kimad.compressors.wire import message_bytes, topk_uses_bitmap
+from kimad.compressors.wire import HEADER_BYTES, message_bytes, topk_uses_bitmap
 from kimad.errors import CorruptMessageError, KimadError
 
 
@@ -90,3 +90,21 @@ def test_a_bitmap_whose_popcount_is_not_k_is_corrupt():
     wire[-2] = 0  # clears the positions 0..7
     with pytest.raises(CorruptMessageError, match="marks"):
         decode_topk(wire, 10)
+
+
+@pytest.mark.parametrize("n", [8, 13, 100_003])
+def test_all_positions_sent_round_trips_through_an_all_ones_bitmap(n):
+    values, indices = torch.randn(n), torch.arange(n, dtype=torch.int32)
+    wire = encode_topk(values, indices, n)
+    assert bool(wire[HEADER_BYTES + 4 * n:][: n // 8].eq(255).all())
+    got_values, got_indices = decode_topk(wire, n)
+    assert torch.equal(got_values, values) and torch.equal(got_indices, indices)
+
+
+@pytest.mark.parametrize("byte, bit", [(0, 0), (1, 4), (-1, 7)])
+def test_all_positions_sent_with_a_cleared_or_padding_bit_is_rejected(byte, bit):
+    n = 13  # 2 bitmap bytes, 3 padding bits in the last
+    wire = encode_topk(torch.randn(n), torch.arange(n, dtype=torch.int32), n).clone()
+    wire[HEADER_BYTES + 4 * n + (byte % 2)] ^= 1 << bit
+    with pytest.raises(CorruptMessageError, match="all ones"):
+        decode_topk(wire, n)

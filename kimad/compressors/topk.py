@@ -28,8 +28,13 @@ if sys.byteorder != "little":  # the wire is little-endian and values are reinte
     raise ImportError("kimad.compressors.topk supports little-endian machines only")
 
 
-def _bit_weights(device: torch.device) -> torch.Tensor:
-    return (2 ** torch.arange(8, dtype=torch.int32, device=device))
+# Bytes b_0..b_7 of an int64 (each 0 or 1, b_0 least significant) times this constant hold b_i at bit 56 + i
+# (every partial product is a distinct power of two, so nothing carries): one multiply packs 8 positions.
+_PACK_MULTIPLIER = 0x0102040810204080
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def _header(k: int, kind: int, device: torch.device) -> torch.Tensor:
@@ -63,9 +68,9 @@ def encode_topk(values: torch.Tensor, indices: torch.Tensor, n: int, *, name: st
     device = values.device
     body = values.detach().to(torch.float32).contiguous().view(torch.uint8)
     if topk_uses_bitmap(n, k):
-        bits = torch.zeros(((n + 7) // 8) * 8, dtype=torch.int32, device=device)
-        bits[indices.long()] = 1
-        positions = (bits.view(-1, 8) * _bit_weights(device)).sum(dim=1).to(torch.uint8)
+        bits = torch.zeros(((n + 7) // 8) * 8, dtype=torch.uint8, device=device)
+        bits.index_fill_(0, indices.long(), 1)
+        positions = ((bits.view(torch.int64) * _PACK_MULTIPLIER) >> 56).to(torch.uint8)
         kind = INDEX_KIND_BITMAP
     else:
         positions = indices.to(torch.int32).contiguous().view(torch.uint8)
@@ -107,8 +112,14 @@ def decode_topk(message: torch.Tensor, n: int, *, name: str = "tensor") -> tuple
     body = message[HEADER_BYTES:]
     values = body[: 4 * k].clone().view(torch.float32)
     positions = body[4 * k:]
-    if kind == INDEX_KIND_BITMAP:
-        bits = (positions.to(torch.int32).unsqueeze(1) & _bit_weights(message.device)).ne(0).view(-1)
+    if kind == INDEX_KIND_BITMAP and k == n:  # every position sent: the bitmap must be all ones up to n
+        full, rest = divmod(n, 8)
+        if not (bool(positions[:full].eq(255).all()) and (not rest or int(positions[full]) == (1 << rest) - 1)):
+            raise CorruptMessageError(f"top-k message for {name!r}: header says all k=n={n:,} positions are sent "
+                                      "but the bitmap is not all ones up to n (or its padding is not zero)")
+        indices = torch.arange(n, dtype=torch.int32, device=message.device)
+    elif kind == INDEX_KIND_BITMAP:
+        bits = ((positions.unsqueeze(1) >> _bit_shifts(message.device)) & 1).view(-1).view(torch.bool)
         if bool(bits[n:].any()):
             raise CorruptMessageError(f"top-k message for {name!r}: bitmap padding bits past n={n:,} are set")
         indices = bits[:n].nonzero().view(-1).to(torch.int32)
