@@ -18,20 +18,8 @@ namespace kimad {
 namespace bindings {
 namespace {
 
-Feedback feedback_mode(const char* op, int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (EF) or 1 (EF21), got ", mode);
-  return mode == 0 ? Feedback::kEF : Feedback::kEF21;
-}
-
 void check_pair(const char* op, const torch::Tensor& grad, const torch::Tensor& state, int64_t bucket) {
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && state.scalar_type() == torch::kFloat32, op,
-              ": grad and state must be float32, got ", grad.scalar_type(), " and ", state.scalar_type());
-  TORCH_CHECK(grad.is_contiguous() && state.is_contiguous(), op, ": grad and state must be contiguous");
-  TORCH_CHECK(grad.numel() == state.numel(), op, ": grad has ", grad.numel(), " elements but state has ",
-              state.numel());
-  TORCH_CHECK(grad.device() == state.device(), op, ": grad and state must be on one device");
-  TORCH_CHECK(grad.numel() <= std::numeric_limits<int32_t>::max(), op, ": ", grad.numel(),
-              " elements exceed int32 indexing");
+  check_grad_state(op, grad, state);
   TORCH_CHECK(bucket >= 1, op, ": bucket must be >= 1, got ", bucket);
 }
 

@@ -18,26 +18,10 @@ namespace kimad {
 namespace bindings {
 namespace {
 
-Feedback feedback_mode(int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1, "topk: mode must be 0 (EF) or 1 (EF21), got ", mode);
-  return mode == 0 ? Feedback::kEF : Feedback::kEF21;
-}
-
-void check_pair(const char* op, const torch::Tensor& grad, const torch::Tensor& state) {
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && state.scalar_type() == torch::kFloat32, op,
-              ": grad and state must be float32, got ", grad.scalar_type(), " and ", state.scalar_type());
-  TORCH_CHECK(grad.is_contiguous() && state.is_contiguous(), op, ": grad and state must be contiguous");
-  TORCH_CHECK(grad.numel() == state.numel(), op, ": grad has ", grad.numel(), " elements but state has ",
-              state.numel());
-  TORCH_CHECK(grad.device() == state.device(), op, ": grad and state must be on one device");
-  TORCH_CHECK(grad.numel() <= std::numeric_limits<int32_t>::max(), op, ": ", grad.numel(),
-              " elements exceed int32 indexing");
-}
-
 // Returns (non_finite, sq_norm, sq_error); values/indices are written only when non_finite == 0.
 std::tuple<int64_t, double, double> topk_encode(const torch::Tensor& grad, torch::Tensor state, int64_t k,
                                                 int64_t mode, torch::Tensor values, torch::Tensor indices) {
-  check_pair("topk_encode", grad, state);
+  check_grad_state("topk_encode", grad, state);
   const int64_t n = grad.numel();
   TORCH_CHECK(k >= 0 && k <= n, "topk_encode: k=", k, " must be in [0, ", n, "]");
   TORCH_CHECK(values.scalar_type() == torch::kFloat32 && indices.scalar_type() == torch::kInt32,
@@ -47,7 +31,7 @@ std::tuple<int64_t, double, double> topk_encode(const torch::Tensor& grad, torch
   TORCH_CHECK(values.is_contiguous() && indices.is_contiguous(), "topk_encode: values and indices must be contiguous");
   TORCH_CHECK(values.device() == grad.device() && indices.device() == grad.device(),
               "topk_encode: values and indices must be on grad's device");
-  const Feedback fb = feedback_mode(mode);
+  const Feedback fb = feedback_mode("topk", mode);
   TopKStats st{};
   if (grad.is_cuda()) {
 #ifdef KIMAD_WITH_CUDA
@@ -69,10 +53,10 @@ std::tuple<int64_t, double, double> topk_encode(const torch::Tensor& grad, torch
 // Returns (non_finite, sq_norm, errors); errors is meaningful only when non_finite == 0.
 std::tuple<int64_t, double, std::vector<double>> error_profile(const torch::Tensor& grad, const torch::Tensor& state,
                                                                const std::vector<int64_t>& ks, int64_t mode) {
-  check_pair("error_profile", grad, state);
+  check_grad_state("error_profile", grad, state);
   const int64_t n = grad.numel();
   for (int64_t k : ks) TORCH_CHECK(k >= 0 && k <= n, "error_profile: k=", k, " must be in [0, ", n, "]");
-  const Feedback fb = feedback_mode(mode);
+  const Feedback fb = feedback_mode("topk", mode);
   std::vector<double> errors(ks.size(), 0.0);
   TopKStats st{};
   if (grad.is_cuda()) {
