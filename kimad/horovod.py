@@ -26,33 +26,45 @@ needs all gradients at once (one plan for the whole step), so:
 
    a. error feedback (:mod:`kimad.feedback`) forms ``v`` per tensor (EF21 ``g - h``, EF ``g + e``, or ``g``);
    b. :func:`kimad.ops.error_profile` gives ``||v||^2`` and the top-k errors at the controller's densities;
-   c. ONE float64 allreduce (Average, name ``kimad.agree``) of all profiles plus this rank's timings of
-      the previous step's allgather and allreduce (not of this agree allreduce: ranks meet there, so it
-      absorbs their compute skew) and its compute time: every rank feeds the same averaged
-      samples to the :class:`~kimad.control.Controller` and plans from the same averaged profiles, so
-      the plans are identical (:meth:`~kimad.control.Plan.digest`);
+   c. ONE float64 allgather (name ``kimad.agree``; half the latency terms of a ring allreduce) of each
+      rank's profiles, its timings of the previous step's allgather and allreduce and its compute time;
+      every rank averages the rows in rank order, so all get bit-identical figures.
+      A collective's time on a rank runs from its submission to completion, so it includes waiting for
+      ranks that submitted later (compute skew); the rank that submitted last waited for nobody, so the
+      MINIMUM over ranks is the link's time, and that is the sample every rank feeds to the
+      :class:`~kimad.control.Controller` (the agree allgather itself is where ranks meet, so it is
+      never a sample). Every rank plans from the same averaged profiles and samples, so the plans are
+      identical (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
       state) into the exact wire format of :mod:`kimad.compressors.topk`; dense tensors (``v``) are
       concatenated into one float32 buffer;
    e. ONE allgather (``kimad.sparse``) of this rank's sparse messages, prefixed by the first 8 bytes
-      of the plan digest, then ONE Sum allreduce (``kimad.dense``) of the dense buffer. Each is timed
-      from submission to completion; its bytes per rank are exact. Kimad's collectives do not overlap
-      the backward pass (they run after it), so these timings are honest throughput samples;
+      of the plan digest and followed by the dense buffer when adding its bytes to the allgather costs
+      less than a Sum allreduce of its own (always at 2 ranks; small buffers such as biases otherwise:
+      a ring allreduce pays 2(n-1) latencies); else ONE Sum allreduce (``kimad.dense``) of the dense
+      buffer follows. Each is timed from submission to completion; its bytes per rank are exact.
+      Kimad's collectives do not overlap the backward pass (they run after it) and the skew between
+      ranks is removed as in (c), so these timings are honest throughput samples;
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
       ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs);
    g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_accumulate` into
       the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average; for EF21 in a buffer reused
-      across tensors and steps); dense tensors come from the allreduce. EF21: the optimizer sees
+      across tensors and steps); dense tensors come from the allreduce, or from the ranks' gathered
+      dense buffers summed in rank order. EF21: the optimizer sees
       (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
 3. ``decompress`` returns the tensor's result, reshaped and cast to the gradient's dtype.
 
 Budget and batching: the cost model prices every tensor as its own collective (one latency each),
-but Kimad sends a whole step in one allgather and one allreduce. So the controller is given the
-user's budget plus a latency credit: the latencies the priced plan charges beyond the two collectives
-actually issued (every tensor pays at least one allgather latency, or an allreduce latency when it
-can only go dense; minus one of each). Without it a model of many tensors looks latency-bound and is
-compressed far more than the measured link requires. The ``kimad.agree`` allreduce is overhead
-outside the budget. With one rank nothing crosses a link: every plan is dense.
+but Kimad sends a whole step in one allgather (and an allreduce only for a dense part too large to
+ride along, see e). So the controller is given the user's budget plus a latency credit: the
+latencies the priced plan charges beyond the collectives actually issued (every tensor pays at least
+one allgather latency, or an allreduce latency when it can only go dense). Without it a model of many
+tensors looks latency-bound and is compressed far more than the measured link requires. When the
+issued collectives' latencies alone take more than ``1 - min_byte_share`` of the budget, the credit
+keeps ``min_byte_share`` of the budget for bytes: the step overruns (``over_budget``) rather than
+sending nearly nothing, which would stall training and leave the link's bandwidth unobservable.
+The ``kimad.agree`` allgather is overhead outside the budget. With one rank nothing crosses a link:
+every plan is dense.
 
 Reduction op: read from the calling ``DistributedOptimizer`` (``self.op`` of the frame that calls
 ``compress``), falling back to ``Kimad(op=...)`` (default Average). Average and Sum are supported
@@ -78,7 +90,7 @@ import torch
 from kimad.compressors.topk import decode_topk, encode_topk
 from kimad.compressors.wire import MessageFormat
 from kimad.control import AutoBudget, BandwidthEstimator, Controller, Plan, TensorProfile
-from kimad.control.cost import latency_terms
+from kimad.control.cost import CostModel, latency_terms
 from kimad.errors import KimadError
 from kimad.feedback import ErrorFeedback
 
@@ -107,6 +119,39 @@ class _LatencyCredit:
 
     def budget_s(self) -> float:
         return self.inner.budget_s() + self.credit_s
+
+
+def dense_rides(cost: CostModel, nbytes: int) -> bool:
+    """Whether ``nbytes`` of dense float32 cost less added to a step's allgather (its bytes only: the
+    allgather's latency is paid anyway) than in a Sum allreduce of their own, under ``cost``.
+
+    Always at 2 ranks (equal link bytes, no extra latency); at n > 2 ranks up to
+    ``2 * latency * bandwidth * n / (n - 2)`` bits, as a ring allgather sends each rank's bytes n - 1
+    times against an allreduce's ``2 (n - 1) / n`` but the allreduce pays ``2 (n - 1)`` latencies.
+    """
+    added = cost.collective_time("allgather", nbytes) - cost.latency_s * latency_terms("allgather", cost.world_size)
+    return added <= cost.collective_time("allreduce", nbytes)
+
+
+def latency_credit(cost: CostModel, compressible: list[bool], numels: list[int], budget_s: float,
+                   min_byte_share: float) -> tuple[float, float, float]:
+    """``(credit_s, charged_s, issued_s)`` for one step (module docstring, "Budget and batching").
+
+    ``charged_s``: the latencies the controller's per-tensor pricing charges (an allgather's for a tensor
+    that may be compressed, ``compressible[i]``; an allreduce's for one that can only go dense);
+    ``issued_s``: those of the collectives the plugin issues (one allgather, plus an allreduce unless the
+    always-dense tensors, ``numels[i]`` float32 each, ride in it); ``credit_s``: what the controller's
+    budget is raised by, so that the plan's bytes get ``budget_s - issued_s`` seconds, and never less than
+    ``min_byte_share * budget_s``.
+    """
+    gather_alpha = cost.latency_s * latency_terms("allgather", cost.world_size)
+    reduce_alpha = cost.latency_s * latency_terms("allreduce", cost.world_size)
+    charged = sum(gather_alpha if c else reduce_alpha for c in compressible)
+    always_dense = 4 * sum(n for c, n in zip(compressible, numels) if not c)
+    issued = gather_alpha + (0.0 if dense_rides(cost, always_dense) else reduce_alpha)
+    # Latency is paid whatever is sent: when it eats the budget, a plan of the cheapest options would starve
+    # training (and leave the link's bandwidth unobservable).
+    return max(0.0, charged - issued, charged - (1.0 - min_byte_share) * budget_s), charged, issued
 
 
 @dataclass(frozen=True)
@@ -138,12 +183,19 @@ class Kimad:
         op: reduction when it cannot be read from the calling optimizer: ``hvd.Average`` (default) or ``hvd.Sum``.
         bandwidth_bps, latency_s: a fixed link model (bits/s, seconds) instead of learning it from timed
             collectives; plans then depend only on gradients and budget (reproducible runs).
+        min_byte_share: the share of the budget always left for bytes when the collectives' latencies alone
+            would eat more (default 0.5): the step then overruns the budget (``over_budget`` in
+            :attr:`metrics`) instead of sending nearly nothing. 0 keeps to the budget strictly.
         metrics_path: append one JSON line of :attr:`metrics` per step (rank 0 only, unless the path
             contains ``{rank}``). Besides plan and link figures, :attr:`metrics` times this rank's step,
             seconds: ``profile_s`` (error feedback + error profiles), ``plan_s`` (controller),
             ``encode_s`` (top-k encode + dense concatenation), ``decode_s`` (decode, aggregate, estimate),
             ``overhead_s`` (their sum: Kimad's own work), ``agree_s``, ``allgather_s``, ``allreduce_s``
-            (collectives; ``actual_comm_s`` = allgather + allreduce) and ``kimad_step_s`` (all of it).
+            (collectives, this rank's wall time; ``actual_comm_s`` = allgather + allreduce), ``dense_route``
+            (``"allgather"`` when the dense tensors rode in the allgather, ``"allreduce"``, or ``None``),
+            ``prev_link_comm_s`` (the previous step's allgather + allreduce time on the link: the minimum
+            over ranks, without the wait for slower ranks; ``None`` at the first step) and
+            ``kimad_step_s`` (all of it).
         log_every: rank 0 prints a summary line every this many steps (0: never).
 
     Raises:
@@ -154,7 +206,7 @@ class Kimad:
                  compressors: Iterable[str] = ("topk",), error_feedback: str | None = "ef21",
                  densities: Iterable[float] | None = None, min_compress_numel: int = 1024, op=None,
                  bandwidth_bps: float | None = None, latency_s: float | None = None,
-                 metrics_path: str | None = None, log_every: int = 0) -> None:
+                 min_byte_share: float = 0.5, metrics_path: str | None = None, log_every: int = 0) -> None:
         compressors = tuple(compressors)
         unknown = [c for c in compressors if c not in SUPPORTED_COMPRESSORS]
         if unknown:
@@ -162,6 +214,9 @@ class Kimad:
                              f"supported: {SUPPORTED_COMPRESSORS}")
         if isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool) and not budget_s > 0:
             raise KimadError(f"budget_s must be > 0 seconds or 'auto', got {budget_s!r}")
+        if not (isinstance(min_byte_share, (int, float)) and 0.0 <= min_byte_share <= 1.0):
+            raise KimadError(f"min_byte_share must be a fraction in [0, 1], got {min_byte_share!r}")
+        self.min_byte_share = float(min_byte_share)
         if not isinstance(log_every, int) or log_every < 0:
             raise KimadError(f"log_every must be an int >= 0 steps, got {log_every!r}")
         self._feedback = ErrorFeedback(error_feedback)
@@ -295,15 +350,27 @@ class Kimad:
         agree += [timings.get(k, (0, 0.0))[1] for k in slots] + [compute_s, 1.0 if have_prev else 0.0]
         t0 = time.perf_counter()
         profile_s = t0 - t_profile
-        averaged = hvd.allreduce(torch.tensor(agree, dtype=torch.float64), op=hvd.Average, name="kimad.agree").tolist()
+        # An allgather, not an allreduce: half the latency terms of a ring allreduce, and every rank sees every
+        # rank's timings. Every rank sums the rows in rank order, so all get bit-identical averages.
+        rows = hvd.allgather(torch.tensor([agree], dtype=torch.float64), name="kimad.agree")
         agree_s = time.perf_counter() - t0
-        *profile_values, prev_gather_s, prev_dense_s, avg_compute_s, all_prev = averaged
-        if all_prev == 1.0:  # every rank measured the previous step: feed the same averages everywhere
-            for kind, seconds in zip(slots, (prev_gather_s, prev_dense_s)):
+        profile_values = (rows[:, : -len(slots) - 2].sum(0) / world).tolist()
+        per_rank_s = rows[:, -len(slots) - 2: -2]
+        avg_compute_s = float(rows[:, -2].sum()) / world
+        link_s = {}
+        if bool((rows[:, -1] == 1.0).all()):  # every rank measured the previous step: feed the same samples everywhere
+            for i, kind in enumerate(slots):
+                if kind not in timings:
+                    continue
+                # The rank that submitted last waited for nobody: its time is the link's (the others' include
+                # the compute skew of the slowest rank). Every rank takes the same minimum.
+                link_s[kind] = float(per_rank_s[:, i].min())
                 # One rank has no link to measure (and the estimator cannot fit zero samples after a step).
-                if kind in timings and not self.fixed_link and world > 1:
-                    self.controller.observe_collective(kind, timings[kind][0], seconds, self.step)
+                if not self.fixed_link and world > 1:
+                    self.controller.observe_collective(kind, timings[kind][0], link_s[kind], self.step)
             self.controller.observe_compute(avg_compute_s)
+        else:
+            avg_compute_s = None
         t_plan = time.perf_counter()
         profiles, pos = [], 0
         for name, g in zip(names, grads):
@@ -311,12 +378,13 @@ class Kimad:
             profiles.append(TensorProfile(name, g.numel(), max(0.0, profile_values[pos]),
                                           tuple(max(0.0, e) for e in profile_values[pos + 1: pos + 1 + m])))
             pos += 1 + m
-        latency = self.controller.estimate().latency_s
-        gather_alpha = latency * latency_terms("allgather", world)
-        reduce_alpha = latency * latency_terms("allreduce", world)
-        charged = sum(gather_alpha if self._ks(g.numel()) else reduce_alpha for g in grads)
-        self.controller.budget.credit_s = max(0.0, charged - gather_alpha - reduce_alpha)
+        cost = CostModel.from_estimate(self.controller.estimate(), world)
+        user_budget = self.budget.budget_s()
+        credit, charged, issued = latency_credit(cost, [bool(self._ks(g.numel())) for g in grads],
+                                                 [g.numel() for g in grads], user_budget, self.min_byte_share)
+        self.controller.budget.credit_s = credit
         plan = self.controller.plan(profiles, step=self.step)
+        predicted_comm_s = plan.total_time_s - charged + issued
         digest = plan.digest()
         t_encode = time.perf_counter()
         plan_s = t_encode - t_plan
@@ -337,7 +405,14 @@ class Kimad:
             else:
                 raise KimadError(f"plan chose {entry.fmt.value} for {name!r}; the Horovod plugin sends topk or dense32")
 
-        # e + f: one allgather (with the digest prefix), verified before the dense allreduce.
+        # e + f: one allgather (digest prefix, sparse messages, and the dense buffer when riding along is cheaper
+        # than an allreduce of its own), verified before any dense allreduce.
+        buffer = torch.cat(dense) if dense else None
+        rides = buffer is not None and dense_rides(cost, 4 * buffer.numel())
+        if rides:
+            sparse_end = sum(m.numel() for m in sparse)
+            sparse.append(torch.zeros(-sparse_end % 4, dtype=torch.uint8))  # float32-aligned in every rank's row
+            sparse.append(buffer.view(torch.uint8))
         send = torch.cat(sparse)
         per_rank = send.numel()
         t0 = time.perf_counter()
@@ -345,17 +420,18 @@ class Kimad:
         gathered = hvd.allgather(send, name="kimad.sparse")
         gather_s = time.perf_counter() - t0
         self._verify(gathered, prefix, per_rank, plan)
-        # The agree allreduce is not a bandwidth sample: it absorbs the ranks' compute skew (it is where they meet).
         samples = [("allgather", per_rank, gather_s)]
-        dense_sum, dense_s = None, 0.0
-        if dense:
-            t_cat = time.perf_counter()
-            buffer = torch.cat(dense)
+        self._dense_route = None if buffer is None else ("allgather" if rides else "allreduce")
+        dense_sum = None
+        if rides:
+            rows = gathered.view(world, per_rank)[:, per_rank - 4 * buffer.numel():].view(torch.float32)
+            dense_sum = rows[0].clone()
+            for r in range(1, world):  # in rank order on every rank: bit-identical sums everywhere
+                dense_sum += rows[r]
+        elif buffer is not None:
             t0 = time.perf_counter()
-            encode_s += t0 - t_cat
             dense_sum = hvd.allreduce(buffer, op=hvd.Sum, name="kimad.dense")
-            dense_s = time.perf_counter() - t0
-            samples.append(("allreduce", 4 * buffer.numel(), dense_s))
+            samples.append(("allreduce", 4 * buffer.numel(), time.perf_counter() - t0))
 
         # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.
         t_decode = time.perf_counter()
@@ -378,8 +454,8 @@ class Kimad:
 
         ended = time.perf_counter()
         timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
-        self._record(plan, digest, samples, agree_s, avg_compute_s if all_prev == 1.0 else None, local_errors,
-                     ended - started, timing)
+        self._record(plan, digest, samples, agree_s, avg_compute_s, local_errors,
+                     ended - started, timing, link_s, predicted_comm_s, user_budget)
         self._last_samples = samples
         self._last_end = ended
         self.step += 1
@@ -401,18 +477,20 @@ class Kimad:
 
     # -- metrics -----------------------------------------------------------------------------------
     def _record(self, plan: Plan, digest: str, samples, agree_s, compute_s, local_errors, step_s: float,
-                timing: dict) -> None:
+                timing: dict, link_s: dict, predicted_comm_s: float, budget_s: float) -> None:
         est = self.controller.estimate()
         comm = {kind: s for kind, _, s in samples}
         self.metrics = {
             "step": plan.step, "bandwidth_bps": est.bandwidth_bps, "latency_s": est.latency_s,
-            "budget_s": self.budget.budget_s(), "latency_credit_s": self.controller.budget.credit_s,
-            "over_budget": plan.over_budget, "plan_digest": digest,
-            "predicted_bytes": plan.total_bytes, "actual_bytes": DIGEST_PREFIX_BYTES + plan.total_bytes,
-            "predicted_comm_s": plan.total_time_s - self.controller.budget.credit_s,
+            "budget_s": budget_s, "latency_credit_s": self.controller.budget.credit_s,
+            "over_budget": plan.over_budget or predicted_comm_s > budget_s * (1 + 1e-9), "plan_digest": digest,
+            "predicted_bytes": plan.total_bytes, "actual_bytes": sum(nbytes for _, nbytes, _ in samples),
+            "predicted_comm_s": predicted_comm_s,
             "actual_comm_s": comm.get("allgather", 0.0) + comm.get("allreduce", 0.0),
             "agree_s": agree_s, "compute_s": compute_s, "kimad_step_s": step_s,
             "allgather_s": comm.get("allgather", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
+            "prev_link_comm_s": sum(link_s.values()) if link_s else None,
+            "dense_route": self._dense_route,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
             "tensors": {e.name: {"option": e.label, "bytes": e.bytes, "predicted_error": e.error,
@@ -475,4 +553,4 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters, **o
     return wrapped
 
 
-__all__ = ["DistributedOptimizer", "Kimad", "PlanMismatchError", "UnknownGradientError"]
+__all__ = ["DistributedOptimizer", "Kimad", "dense_rides", "latency_credit", "PlanMismatchError", "UnknownGradientError"]

@@ -21,6 +21,7 @@ from torch import nn
 
 import kimad
 import kimad.horovod
+from kimad.control.cost import CostModel
 
 
 class Mixed(nn.Module):
@@ -84,6 +85,8 @@ def main() -> int:
     p.add_argument("--keep-grads", action="store_true")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--groups", type=int, default=None, help="Horovod's grouped allreduce, this many groups")
+    p.add_argument("--ride", action="store_true",
+                   help="dense phase with a fixed link of 1 s latency: the dense buffer must ride in the allgather")
     args = p.parse_args()
     hvd.init()
     torch.set_num_threads(1)
@@ -100,7 +103,8 @@ def main() -> int:
                                        compression=hvd.Compression.none, op=op, backward_passes_per_step=args.bpps,
                                        groups=args.groups)
     # No op given to Kimad: it must read it from the calling optimizer.
-    compression = kimad.Kimad(mine.named_parameters(), budget_s=1e9, error_feedback=None)
+    link = dict(bandwidth_bps=1e9, latency_s=1.0) if args.ride else {}
+    compression = kimad.Kimad(mine.named_parameters(), budget_s=1e9, error_feedback=None, **link)
     my_opt = hvd.DistributedOptimizer(make_opt(mine, args), named_parameters=mine.named_parameters(),
                                       compression=compression, op=op, backward_passes_per_step=args.bpps,
                                       groups=args.groups)
@@ -115,6 +119,10 @@ def main() -> int:
                 raise AssertionError(f"rank {rank} step {step}: gradient {name!r} differs by {diff:.3g}")
         labels = {t["option"] for t in compression.metrics["tensors"].values()}
         assert labels == {"dense32"}, labels
+        # Two ranks: gathering the dense buffer costs no more than allreducing it; a 1 s latency makes it ride.
+        if hvd.size() == 2 or args.ride:
+            assert compression.metrics["dense_route"] == "allgather", compression.metrics["dense_route"]
+    routes = {"dense": compression.metrics["dense_route"]}
     assert "frozen.weight" not in compression.metrics["tensors"]
 
     # The same configuration compressed: top-k + EF21 at a tiny budget (fixed link model).
@@ -128,7 +136,17 @@ def main() -> int:
         assert all(g.dtype == dtype for g in got.values())
     options = {t["option"] for t in sparse_opt.kimad.metrics["tensors"].values()}
     assert any(o.startswith("topk") for o in options), options
-    print(f"kimad equivalence: rank {rank}/{hvd.size()} OK ({args}) compressed options {sorted(options)}", flush=True)
+    # The route follows the cost model of the (fixed) link.
+    dense_bytes = 4 * sum(t["bytes"] // 4 for t in sparse_opt.kimad.metrics["tensors"].values()
+                          if t["option"] == "dense32")
+    if dense_bytes:
+        cost = CostModel(1e9, 1e-5, hvd.size())
+        expected_route = "allgather" if kimad.horovod.dense_rides(cost, dense_bytes) else "allreduce"
+        assert sparse_opt.kimad.metrics["dense_route"] == expected_route, (sparse_opt.kimad.metrics["dense_route"],
+                                                                           dense_bytes)
+    routes["compressed"] = sparse_opt.kimad.metrics["dense_route"]
+    print(f"kimad equivalence: rank {rank}/{hvd.size()} OK ({args}) compressed options {sorted(options)}, "
+          f"dense routes {routes}", flush=True)
     hvd.shutdown()
     return 0
 
