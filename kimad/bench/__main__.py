@@ -1,10 +1,11 @@
-"""``python -m kimad.bench e2e [options]``: the end-to-end comparison (:mod:`kimad.bench.e2e`)."""
+"""``python -m kimad.bench e2e [options]``: the end-to-end comparison (:mod:`kimad.bench.e2e`);
+``python -m kimad.bench report DIR``: (re)write its report (:mod:`kimad.bench.report`)."""
 
 import sys
 
-from kimad.bench import e2e
+from kimad.bench import e2e, report
 
-COMMANDS = {"e2e": e2e.main}
+COMMANDS = {"e2e": e2e.main, "report": report.main}
 
 
 def main(argv: list[str]) -> int:

