@@ -32,9 +32,10 @@ needs all gradients at once (one plan for the whole step), so:
       A collective's time on a rank runs from its submission to completion, so it includes waiting for
       ranks that submitted later (compute skew); the rank that submitted last waited for nobody, so the
       MINIMUM over ranks is the link's time, and that is the sample every rank feeds to the
-      :class:`~kimad.control.Controller` (the agree allgather itself is where ranks meet, so it is
-      never a sample). Every rank plans from the same averaged profiles and samples, so the plans are
-      identical (:meth:`~kimad.control.Plan.digest`);
+      :class:`~kimad.control.Controller`. The agree allgather of the previous step is such a sample
+      too: being small, it pins the latency while the step's allgather pins the bandwidth. Every rank
+      plans from the same averaged profiles and samples, so the plans are identical
+      (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
       state) into the exact wire format of :mod:`kimad.compressors.topk`; dense tensors (``v``) are
       concatenated into one float32 buffer;
@@ -255,7 +256,8 @@ class Kimad:
         self._op = None
         self.step = 0
         self._last_end: float | None = None
-        self._last_samples: list[tuple[str, int, float]] = []  # (kind, bytes per rank, seconds) of the last step
+        # ("allgather" | "allreduce" | "agree", bytes per rank, seconds) of the last step's collectives
+        self._last_samples: list[tuple[str, int, float]] = []
         self.metrics: dict = {}
         self.metrics_path = metrics_path
         self.log_every = log_every
@@ -346,7 +348,7 @@ class Kimad:
         timings = {kind: (nbytes, s) for kind, nbytes, s in self._last_samples}
         have_prev = self._last_end is not None and bool(self._last_samples)
         compute_s = started - self._last_end if self._last_end is not None else 0.0
-        slots = ("allgather", "allreduce")
+        slots = ("allgather", "allreduce", "agree")
         agree += [timings.get(k, (0, 0.0))[1] for k in slots] + [compute_s, 1.0 if have_prev else 0.0]
         t0 = time.perf_counter()
         profile_s = t0 - t_profile
@@ -354,6 +356,7 @@ class Kimad:
         # rank's timings. Every rank sums the rows in rank order, so all get bit-identical averages.
         rows = hvd.allgather(torch.tensor([agree], dtype=torch.float64), name="kimad.agree")
         agree_s = time.perf_counter() - t0
+        agree_bytes = 8 * len(agree)
         profile_values = (rows[:, : -len(slots) - 2].sum(0) / world).tolist()
         per_rank_s = rows[:, -len(slots) - 2: -2]
         avg_compute_s = float(rows[:, -2].sum()) / world
@@ -367,7 +370,8 @@ class Kimad:
                 link_s[kind] = float(per_rank_s[:, i].min())
                 # One rank has no link to measure (and the estimator cannot fit zero samples after a step).
                 if not self.fixed_link and world > 1:
-                    self.controller.observe_collective(kind, timings[kind][0], link_s[kind], self.step)
+                    collective = "allreduce" if kind == "allreduce" else "allgather"
+                    self.controller.observe_collective(collective, timings[kind][0], link_s[kind], self.step)
             self.controller.observe_compute(avg_compute_s)
         else:
             avg_compute_s = None
@@ -456,7 +460,8 @@ class Kimad:
         timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
         self._record(plan, digest, samples, agree_s, avg_compute_s, local_errors,
                      ended - started, timing, link_s, predicted_comm_s, user_budget)
-        self._last_samples = samples
+        # The agree allgather is a sample too (next step, like the others): small, so it pins the latency.
+        self._last_samples = samples + [("agree", agree_bytes, agree_s)]
         self._last_end = ended
         self.step += 1
 
@@ -489,7 +494,9 @@ class Kimad:
             "actual_comm_s": comm.get("allgather", 0.0) + comm.get("allreduce", 0.0),
             "agree_s": agree_s, "compute_s": compute_s, "kimad_step_s": step_s,
             "allgather_s": comm.get("allgather", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
-            "prev_link_comm_s": sum(link_s.values()) if link_s else None,
+            "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
+                                 if "allgather" in link_s else None),
+            "prev_link_agree_s": link_s.get("agree"),
             "dense_route": self._dense_route,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
