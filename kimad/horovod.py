@@ -55,7 +55,8 @@ needs all gradients at once (one plan for the whole step), so:
       (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
 3. ``decompress`` returns the tensor's result, reshaped and cast to the gradient's dtype.
 
-Budget and batching: the cost model prices every tensor as its own collective (one latency each),
+Budget and batching (:meth:`~kimad.control.cost.CostModel.batched_latency_credit`): the cost model
+prices every tensor as its own collective (one latency each),
 but Kimad sends a whole step in one allgather (and an allreduce only for a dense part too large to
 ride along, see e). So the controller is given the user's budget plus a latency credit: the
 latencies the priced plan charges beyond the collectives actually issued (every tensor pays at least
@@ -91,7 +92,7 @@ import torch
 from kimad.compressors.topk import decode_topk, encode_topk
 from kimad.compressors.wire import MessageFormat
 from kimad.control import AutoBudget, BandwidthEstimator, Controller, Plan, TensorProfile
-from kimad.control.cost import CostModel, latency_terms
+from kimad.control.cost import CostModel
 from kimad.errors import KimadError
 from kimad.feedback import ErrorFeedback
 
@@ -120,39 +121,6 @@ class _LatencyCredit:
 
     def budget_s(self) -> float:
         return self.inner.budget_s() + self.credit_s
-
-
-def dense_rides(cost: CostModel, nbytes: int) -> bool:
-    """Whether ``nbytes`` of dense float32 cost less added to a step's allgather (its bytes only: the
-    allgather's latency is paid anyway) than in a Sum allreduce of their own, under ``cost``.
-
-    Always at 2 ranks (equal link bytes, no extra latency); at n > 2 ranks up to
-    ``2 * latency * bandwidth * n / (n - 2)`` bits, as a ring allgather sends each rank's bytes n - 1
-    times against an allreduce's ``2 (n - 1) / n`` but the allreduce pays ``2 (n - 1)`` latencies.
-    """
-    added = cost.collective_time("allgather", nbytes) - cost.latency_s * latency_terms("allgather", cost.world_size)
-    return added <= cost.collective_time("allreduce", nbytes)
-
-
-def latency_credit(cost: CostModel, compressible: list[bool], numels: list[int], budget_s: float,
-                   min_byte_share: float) -> tuple[float, float, float]:
-    """``(credit_s, charged_s, issued_s)`` for one step (module docstring, "Budget and batching").
-
-    ``charged_s``: the latencies the controller's per-tensor pricing charges (an allgather's for a tensor
-    that may be compressed, ``compressible[i]``; an allreduce's for one that can only go dense);
-    ``issued_s``: those of the collectives the plugin issues (one allgather, plus an allreduce unless the
-    always-dense tensors, ``numels[i]`` float32 each, ride in it); ``credit_s``: what the controller's
-    budget is raised by, so that the plan's bytes get ``budget_s - issued_s`` seconds, and never less than
-    ``min_byte_share * budget_s``.
-    """
-    gather_alpha = cost.latency_s * latency_terms("allgather", cost.world_size)
-    reduce_alpha = cost.latency_s * latency_terms("allreduce", cost.world_size)
-    charged = sum(gather_alpha if c else reduce_alpha for c in compressible)
-    always_dense = 4 * sum(n for c, n in zip(compressible, numels) if not c)
-    issued = gather_alpha + (0.0 if dense_rides(cost, always_dense) else reduce_alpha)
-    # Latency is paid whatever is sent: when it eats the budget, a plan of the cheapest options would starve
-    # training (and leave the link's bandwidth unobservable).
-    return max(0.0, charged - issued, charged - (1.0 - min_byte_share) * budget_s), charged, issued
 
 
 @dataclass(frozen=True)
@@ -384,8 +352,9 @@ class Kimad:
             pos += 1 + m
         cost = CostModel.from_estimate(self.controller.estimate(), world)
         user_budget = self.budget.budget_s()
-        credit, charged, issued = latency_credit(cost, [bool(self._ks(g.numel())) for g in grads],
-                                                 [g.numel() for g in grads], user_budget, self.min_byte_share)
+        credit, charged, issued = cost.batched_latency_credit([bool(self._ks(g.numel())) for g in grads],
+                                                              [g.numel() for g in grads], user_budget,
+                                                              self.min_byte_share)
         self.controller.budget.credit_s = credit
         plan = self.controller.plan(profiles, step=self.step)
         predicted_comm_s = plan.total_time_s - charged + issued
@@ -412,7 +381,7 @@ class Kimad:
         # e + f: one allgather (digest prefix, sparse messages, and the dense buffer when riding along is cheaper
         # than an allreduce of its own), verified before any dense allreduce.
         buffer = torch.cat(dense) if dense else None
-        rides = buffer is not None and dense_rides(cost, 4 * buffer.numel())
+        rides = buffer is not None and cost.dense_rides(4 * buffer.numel())
         if rides:
             sparse_end = sum(m.numel() for m in sparse)
             sparse.append(torch.zeros(-sparse_end % 4, dtype=torch.uint8))  # float32-aligned in every rank's row
@@ -560,4 +529,4 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters, **o
     return wrapped
 
 
-__all__ = ["DistributedOptimizer", "Kimad", "dense_rides", "latency_credit", "PlanMismatchError", "UnknownGradientError"]
+__all__ = ["DistributedOptimizer", "Kimad", "PlanMismatchError", "UnknownGradientError"]

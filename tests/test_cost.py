@@ -113,3 +113,36 @@ def test_unknown_collective_and_negative_bytes_raise():
     with pytest.raises(CostModelError):
         cm.allreduce(-1)
     assert issubclass(CostModelError, KimadError)
+
+
+def test_dense_buffers_ride_in_the_allgather_when_that_costs_less_than_an_allreduce():
+    # 2 ranks: the same link bytes either way and no extra latency, so always.
+    assert CostModel(1e9, 1e-3, 2).dense_rides(10**9)
+    # 4 ranks, 1 ms, 1 Gbit/s: up to 2 * latency * bandwidth * n / (n - 2) = 4e6 bits = 500 kB.
+    cost = CostModel(1e9, 1e-3, 4)
+    assert cost.dense_rides(100_000) and cost.dense_rides(499_000)
+    assert not cost.dense_rides(501_000) and not cost.dense_rides(10**7)
+
+
+def test_the_latency_credit_pays_for_per_tensor_pricing_but_keeps_min_byte_share_for_bytes():
+    cost = CostModel(1e9, 1e-3, 4)  # allgather 3 latencies (3 ms), allreduce 6 (6 ms)
+    compressible, numels = [True, True, False], [10**6, 10**6, 100]  # 400 bytes of biases ride along
+    credit, charged, issued = cost.batched_latency_credit(compressible, numels, budget_s=0.1, min_byte_share=0.5)
+    assert charged == pytest.approx(3e-3 + 3e-3 + 6e-3) and issued == pytest.approx(3e-3)
+    assert 0.1 + credit - charged == pytest.approx(0.1 - issued)  # bytes get the budget less the one allgather
+    # Latency eats the budget: strict leaves nothing for bytes, the default keeps half the budget.
+    credit, charged, issued = cost.batched_latency_credit(compressible, numels, budget_s=2e-3, min_byte_share=0.0)
+    assert 2e-3 + credit - charged == pytest.approx(0.0)
+    credit, charged, issued = cost.batched_latency_credit(compressible, numels, budget_s=2e-3, min_byte_share=0.5)
+    assert 2e-3 + credit - charged == pytest.approx(1e-3)
+    # Too many always-dense bytes to ride: the allreduce's latencies are issued too.
+    credit, charged, issued = cost.batched_latency_credit([True, False], [10**6, 10**7], budget_s=0.1, min_byte_share=0.5)
+    assert issued == pytest.approx(9e-3) and 0.1 + credit - charged == pytest.approx(0.1 - 9e-3)
+
+
+def test_the_latency_credit_refuses_mismatched_inputs_and_shares_outside_zero_to_one():
+    cost = CostModel(1e9, 1e-3, 4)
+    with pytest.raises(CostModelError, match="2 compressible flags for 1 tensors"):
+        cost.batched_latency_credit([True, False], [10], budget_s=0.1, min_byte_share=0.5)
+    with pytest.raises(CostModelError, match="min_byte_share"):
+        cost.batched_latency_credit([True], [10], budget_s=0.1, min_byte_share=1.5)

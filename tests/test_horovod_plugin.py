@@ -157,37 +157,6 @@ def test_metrics_break_a_step_down_into_kimads_own_work_and_its_collectives(hvd)
     assert m["overhead_s"] + m["agree_s"] + m["actual_comm_s"] <= m["kimad_step_s"] + 1e-9
 
 
-def test_dense_buffers_ride_in_the_allgather_when_that_costs_less_than_an_allreduce():
-    from kimad.control.cost import CostModel
-    from kimad.horovod import dense_rides
-
-    # 2 ranks: the same link bytes either way and no extra latency, so always.
-    assert dense_rides(CostModel(1e9, 1e-3, 2), 10**9)
-    # 4 ranks, 1 ms, 1 Gbit/s: up to 2 * latency * bandwidth * n / (n - 2) = 4e6 bits = 500 kB.
-    cost = CostModel(1e9, 1e-3, 4)
-    assert dense_rides(cost, 100_000) and dense_rides(cost, 499_000)
-    assert not dense_rides(cost, 501_000) and not dense_rides(cost, 10**7)
-
-
-def test_the_latency_credit_pays_for_per_tensor_pricing_but_keeps_min_byte_share_for_bytes():
-    from kimad.control.cost import CostModel
-    from kimad.horovod import latency_credit
-
-    cost = CostModel(1e9, 1e-3, 4)  # allgather 3 latencies (3 ms), allreduce 6 (6 ms)
-    compressible, numels = [True, True, False], [10**6, 10**6, 100]  # 400 bytes of biases ride along
-    credit, charged, issued = latency_credit(cost, compressible, numels, budget_s=0.1, min_byte_share=0.5)
-    assert charged == pytest.approx(3e-3 + 3e-3 + 6e-3) and issued == pytest.approx(3e-3)
-    assert 0.1 + credit - charged == pytest.approx(0.1 - issued)  # bytes get the budget less the one allgather
-    # Latency eats the budget: strict leaves nothing for bytes, the default keeps half the budget.
-    credit, charged, issued = latency_credit(cost, compressible, numels, budget_s=2e-3, min_byte_share=0.0)
-    assert 2e-3 + credit - charged == pytest.approx(0.0)
-    credit, charged, issued = latency_credit(cost, compressible, numels, budget_s=2e-3, min_byte_share=0.5)
-    assert 2e-3 + credit - charged == pytest.approx(1e-3)
-    # Too many always-dense bytes to ride: the allreduce's latencies are issued too.
-    credit, charged, issued = latency_credit(cost, [True, False], [10**6, 10**7], budget_s=0.1, min_byte_share=0.5)
-    assert issued == pytest.approx(9e-3) and 0.1 + credit - charged == pytest.approx(0.1 - 9e-3)
-
-
 def test_log_every_prints_one_summary_line_every_n_steps(hvd, capsys):
     model = nn.Linear(64, 64)
     compression = kimad.Kimad(model.named_parameters(), budget_s=1e-3, log_every=2)

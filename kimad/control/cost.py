@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from kimad.compressors.wire import MessageFormat, message_bytes
 from kimad.errors import KimadError
@@ -113,6 +114,41 @@ class CostModel:
         """Seconds to exchange one tensor's message: dense formats by allreduce, the others by allgather."""
         fmt = MessageFormat(fmt)
         return self.collective_time(fmt.collective, self.option_bytes(fmt, numel, k=k, bits=bits))
+
+    def dense_rides(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` of dense float32 cost less added to a step's allgather (its bytes only: the
+        allgather's latency is paid anyway) than in an allreduce of their own.
+
+        Always at 2 ranks (equal link bytes, no extra latency); at n > 2 ranks up to
+        ``2 * latency * bandwidth * n / (n - 2)`` bits, as a ring allgather sends each rank's bytes n - 1
+        times against an allreduce's ``2 (n - 1) / n`` but the allreduce pays ``2 (n - 1)`` latencies.
+        """
+        added = self.collective_time("allgather", nbytes) - self.latency_s * latency_terms("allgather", self.world_size)
+        return added <= self.collective_time("allreduce", nbytes)
+
+    def batched_latency_credit(self, compressible: Sequence[bool], numels: Sequence[int], budget_s: float,
+                               min_byte_share: float) -> tuple[float, float, float]:
+        """``(credit_s, charged_s, issued_s)`` for a step sent as one batch (one allgather, plus an allreduce
+        for the dense tensors unless they ride in it, :meth:`dense_rides`).
+
+        The per-tensor pricing of :meth:`option_time` charges every tensor its own collective's latencies
+        (``charged_s``: an allgather's for a tensor that may be compressed, ``compressible[i]``, an
+        allreduce's for one that can only go dense, ``numels[i]`` float32 each); the batch pays only its
+        own (``issued_s``). Raising the budget by ``credit_s`` gives the plan's bytes ``budget_s - issued_s``
+        seconds, and never less than ``min_byte_share * budget_s``: latency is paid whatever is sent, and
+        when it eats the budget a plan of the cheapest options would starve training (and leave the link's
+        bandwidth unobservable).
+        """
+        if len(compressible) != len(numels):
+            raise CostModelError(f"{len(compressible)} compressible flags for {len(numels)} tensors")
+        if not 0.0 <= min_byte_share <= 1.0:
+            raise CostModelError(f"min_byte_share must be in [0, 1], got {min_byte_share!r}")
+        gather_alpha = self.latency_s * latency_terms("allgather", self.world_size)
+        reduce_alpha = self.latency_s * latency_terms("allreduce", self.world_size)
+        charged = sum(gather_alpha if c else reduce_alpha for c in compressible)
+        always_dense = 4 * sum(n for c, n in zip(compressible, numels) if not c)
+        issued = gather_alpha + (0.0 if self.dense_rides(always_dense) else reduce_alpha)
+        return max(0.0, charged - issued, charged - (1.0 - min_byte_share) * budget_s), charged, issued
 
     def dense_break_even_density(self, numel: int) -> float:
         """The top-k density ``k / numel`` above which a top-k allgather costs more than a dense fp32 allreduce.

@@ -141,7 +141,7 @@ def main() -> int:
                           if t["option"] == "dense32")
     if dense_bytes:
         cost = CostModel(1e9, 1e-5, hvd.size())
-        expected_route = "allgather" if kimad.horovod.dense_rides(cost, dense_bytes) else "allreduce"
+        expected_route = "allgather" if cost.dense_rides(dense_bytes) else "allreduce"
         assert sparse_opt.kimad.metrics["dense_route"] == expected_route, (sparse_opt.kimad.metrics["dense_route"],
                                                                            dense_bytes)
     routes["compressed"] = sparse_opt.kimad.metrics["dense_route"]
