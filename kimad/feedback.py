@@ -41,7 +41,7 @@ class ErrorFeedback:
         self.mode = mode
         self.local: dict[str, torch.Tensor] = {}  # h (EF21) or e (EF)
         self.global_estimate: dict[str, torch.Tensor] = {}  # H (EF21 only)
-        self._scratch: torch.Tensor | None = None  # where estimate_topk sums c (float32, the largest tensor's size)
+        self._scratch: torch.Tensor | None = None  # where c is summed: float32, the largest tensor's size, kept all zero
 
     def _state(self, store: dict[str, torch.Tensor], name: str, grad: torch.Tensor) -> torch.Tensor:
         state = store.get(name)
@@ -102,15 +102,47 @@ class ErrorFeedback:
             for values, indices in messages:
                 ops.sparse_accumulate(c, values, indices, scale=scale, name=name)
             return c
+        c = self._zeros(like)
+        try:
+            for values, indices in messages:
+                ops.sparse_accumulate(c, values, indices, scale=scale, name=name)
+            estimate = self._state(self.global_estimate, name, like).view(-1)
+            estimate.add_(c)
+        finally:
+            c.zero_()
+        return estimate.clone().view(like.shape)
+
+    def estimate_quantized(self, name: str, payloads: list[torch.Tensor], like: torch.Tensor, scale: float, *,
+                           fmt: str, bits: int | None, bucket: int) -> torch.Tensor:
+        """:meth:`estimate` of ``c = scale * (sum of the ranks' QSGD or sign messages)``, given as payloads
+        (:mod:`kimad.compressors.quant` layout, ``bits`` and ``bucket`` as sent) in rank order, decoded
+        with :func:`kimad.ops.quant_decode_accumulate`; a new float32 tensor of ``like``'s shape.
+        EF21 sums ``c`` in the reused buffer and then ``H += c``: bitwise :meth:`estimate` of that ``c``.
+        """
+        n = like.numel()
+        if self.mode != "ef21":
+            c = torch.zeros(n, dtype=torch.float32, device=like.device)
+            for payload in payloads:
+                ops.quant_decode_accumulate(c, payload, fmt=fmt, numel=n, bits=bits, bucket=bucket, scale=scale,
+                                            name=name)
+            return c.view(like.shape)
+        c = self._zeros(like)
+        try:
+            for payload in payloads:
+                ops.quant_decode_accumulate(c, payload, fmt=fmt, numel=n, bits=bits, bucket=bucket, scale=scale,
+                                            name=name)
+            estimate = self._state(self.global_estimate, name, like).view(-1)
+            estimate.add_(c)
+        finally:
+            c.zero_()
+        return estimate.clone().view(like.shape)
+
+    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
+        """The first ``like.numel()`` entries of the reused float32 buffer, all zero (callers zero them after use)."""
         n = like.numel()
         if self._scratch is None or self._scratch.numel() < n or self._scratch.device != like.device:
-            self._scratch = torch.empty(n, dtype=torch.float32, device=like.device)
-        c = self._scratch[:n].zero_()
-        for values, indices in messages:
-            ops.sparse_accumulate(c, values, indices, scale=scale, name=name)
-        estimate = self._state(self.global_estimate, name, like).view(-1)
-        estimate.add_(c)
-        return estimate.clone().view(like.shape)
+            self._scratch = torch.zeros(n, dtype=torch.float32, device=like.device)
+        return self._scratch[:n]
 
     def state_dict(self) -> dict:
         """Copies of every state tensor, per name."""
@@ -123,6 +155,21 @@ class ErrorFeedback:
             raise FeedbackError(f"checkpoint holds error_feedback={state['mode']!r} state, this run uses {self.mode!r}")
         self.local = {k: v.clone().to(torch.float32) for k, v in state["local"].items()}
         self.global_estimate = {k: v.clone().to(torch.float32) for k, v in state["global_estimate"].items()}
+
+    def encode_quantized(self, name: str, grad: torch.Tensor, fmt: str, *, bits: int | None, bucket: int,
+                         seed: int) -> ops.QuantMessage:
+        """QSGD (``bits`` 8, 4, 2; draws keyed by ``seed``) or scaled-sign message of ``v`` with the local state
+        updated in place (:func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode`)."""
+        state = self.local_state(name, grad)
+        if fmt == "sign":
+            return ops.sign_encode(grad, state, bucket=bucket, mode=self.ops_mode, name=name)
+        return ops.qsgd_encode(grad, state, bits=bits, bucket=bucket, seed=seed, mode=self.ops_mode, name=name)
+
+    def quant_profile(self, name: str, grad: torch.Tensor, bucket: int) -> ops.QuantErrorEstimate:
+        """Expected QSGD errors (bits 8, 4, 2) and the sign error of ``v`` (:func:`kimad.ops.quant_error_estimate`);
+        the state is unchanged."""
+        return ops.quant_error_estimate(grad, self.local_state(name, grad), bucket=bucket, mode=self.ops_mode,
+                                        name=name)
 
     def encode_topk(self, name: str, grad: torch.Tensor, k: int) -> ops.TopKMessage:
         """Top-k message of ``v`` with the local state updated in place (:func:`kimad.ops.topk_encode`)."""

@@ -25,7 +25,8 @@ needs all gradients at once (one plan for the whole step), so:
    in the same order and nothing deadlocks):
 
    a. error feedback (:mod:`kimad.feedback`) forms ``v`` per tensor (EF21 ``g - h``, EF ``g + e``, or ``g``);
-   b. :func:`kimad.ops.error_profile` gives ``||v||^2`` and the top-k errors at the controller's densities;
+   b. :func:`kimad.ops.error_profile` gives ``||v||^2`` and the top-k errors at the controller's densities
+      (and :func:`kimad.ops.quant_error_estimate` the QSGD 8/4/2-bit and sign errors, when offered);
    c. ONE float64 allgather (name ``kimad.agree``; half the latency terms of a ring allreduce) of each
       rank's profiles, its timings of the previous step's allgather and allreduce and its compute time;
       every rank averages the rows in rank order, so all get bit-identical figures.
@@ -37,9 +38,11 @@ needs all gradients at once (one plan for the whole step), so:
       plans from the same averaged profiles and samples, so the plans are identical
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
-      state) into the exact wire format of :mod:`kimad.compressors.topk`; dense tensors (``v``) are
-      concatenated into one float32 buffer;
-   e. ONE allgather (``kimad.sparse``) of this rank's sparse messages, prefixed by the first 8 bytes
+      state) into the exact wire format of :mod:`kimad.compressors.topk`; QSGD and sign tensors with
+      :func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode` (same state update; QSGD's draws
+      keyed by step, tensor and rank) into the layout of :mod:`kimad.compressors.quant`, in buckets of
+      ``DEFAULT_BUCKET`` elements; dense tensors (``v``) are concatenated into one float32 buffer;
+   e. ONE allgather (``kimad.sparse``) of this rank's top-k and quantised messages, prefixed by the first 8 bytes
       of the plan digest and followed by the dense buffer when adding its bytes to the allgather costs
       less than a Sum allreduce of its own (always at 2 ranks; small buffers such as biases otherwise:
       a ring allreduce pays 2(n-1) latencies); else ONE Sum allreduce (``kimad.dense``) of the dense
@@ -48,8 +51,8 @@ needs all gradients at once (one plan for the whole step), so:
       ranks is removed as in (c), so these timings are honest throughput samples;
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
       ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs);
-   g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_accumulate` into
-      the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average; for EF21 in a buffer reused
+   g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_accumulate` (a
+      quantised one with :func:`kimad.ops.quant_decode_accumulate`) into the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average; for EF21 in a buffer reused
       across tensors and steps); dense tensors come from the allreduce, or from the ranks' gathered
       dense buffers summed in rank order. EF21: the optimizer sees
       (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
@@ -90,14 +93,17 @@ from typing import Iterable
 import torch
 
 from kimad.compressors.topk import decode_topk, encode_topk
-from kimad.compressors.wire import MessageFormat
+from kimad.compressors.wire import DEFAULT_BUCKET, QSGD_BITS, MessageFormat
 from kimad.control import AutoBudget, BandwidthEstimator, Controller, Plan, TensorProfile
 from kimad.control.cost import CostModel
 from kimad.errors import KimadError
 from kimad.feedback import ErrorFeedback
 
-SUPPORTED_COMPRESSORS = ("topk",)
+SUPPORTED_COMPRESSORS = ("topk", "qsgd", "sign")
 DIGEST_PREFIX_BYTES = 8
+# The step's figures written as TensorBoard scalars ``kimad/<key>`` (see ``Kimad(tensorboard_dir=...)``).
+TENSORBOARD_SCALARS = ("bandwidth_bps", "latency_s", "budget_s", "predicted_bytes", "actual_bytes", "predicted_comm_s",
+                       "actual_comm_s", "agree_s", "compute_s", "overhead_s", "kimad_step_s", "predicted_error")
 _STATE_VERSION = 1
 
 
@@ -145,7 +151,8 @@ class Kimad:
             names and order on every rank.
         budget_s: seconds of communication per step (> 0), or ``"auto"`` (a fraction of compute time).
         allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad) or ``"lagrangian"``.
-        compressors: besides dense, which compressors plans may use; only ``"topk"`` for now.
+        compressors: besides dense, which compressors plans may use: ``"topk"`` (at ``densities``),
+            ``"qsgd"`` (8, 4 and 2 bits) and ``"sign"`` (scaled sign), in buckets of ``DEFAULT_BUCKET`` elements.
         error_feedback: ``"ef21"`` (default), ``"ef"`` or ``None``.
         densities: top-k densities the menus offer (default: 16 geometric from 1e-4 to 1).
         min_compress_numel: tensors with fewer elements are always sent dense.
@@ -166,16 +173,23 @@ class Kimad:
             over ranks, without the wait for slower ranks; ``None`` at the first step) and
             ``kimad_step_s`` (all of it).
         log_every: rank 0 prints a summary line every this many steps (0: never).
+        tensorboard_dir: rank 0 also writes the step's figures as TensorBoard scalars there (needs the
+            ``tensorboard`` package): ``kimad/`` + bandwidth_bps, latency_s, budget_s, predicted_bytes,
+            actual_bytes, predicted_comm_s, actual_comm_s, agree_s, compute_s, overhead_s, kimad_step_s,
+            predicted_error, and per tensor ``kimad/density/<name>`` (fraction of entries sent: k / n for
+            top-k, 1 otherwise) and ``kimad/bits/<name>`` (message bits per element).
 
     Raises:
-        KimadError (a named subclass): unknown allocator, compressor or error feedback, bad budget.
+        KimadError (a named subclass): unknown allocator, compressor or error feedback, bad budget,
+            ``tensorboard_dir`` without the ``tensorboard`` package.
     """
 
     def __init__(self, named_parameters: Iterable, *, budget_s: float | str = "auto", allocator: str = "layerwise",
                  compressors: Iterable[str] = ("topk",), error_feedback: str | None = "ef21",
                  densities: Iterable[float] | None = None, min_compress_numel: int = 1024, op=None,
                  bandwidth_bps: float | None = None, latency_s: float | None = None,
-                 min_byte_share: float = 0.5, metrics_path: str | None = None, log_every: int = 0) -> None:
+                 min_byte_share: float = 0.5, metrics_path: str | None = None, log_every: int = 0,
+                 tensorboard_dir: str | None = None) -> None:
         compressors = tuple(compressors)
         unknown = [c for c in compressors if c not in SUPPORTED_COMPRESSORS]
         if unknown:
@@ -229,6 +243,15 @@ class Kimad:
         self.metrics: dict = {}
         self.metrics_path = metrics_path
         self.log_every = log_every
+        self._tensorboard = None
+        if tensorboard_dir is not None:
+            try:  # on every rank, so that all of them refuse rather than rank 0 alone
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise KimadError(f"tensorboard_dir={tensorboard_dir!r} needs the tensorboard package ({exc}); "
+                                 "pip install tensorboard, or leave tensorboard_dir unset") from None
+            if self.rank == 0:
+                self._tensorboard = SummaryWriter(str(tensorboard_dir))
 
     # -- Horovod's Compressor interface --------------------------------------------------------
     def compress(self, tensor: torch.Tensor):
@@ -299,6 +322,25 @@ class Kimad:
             return []
         return [min(numel, max(1, round(d * numel))) for d in self.controller.densities]
 
+    def _compressible(self, numel: int) -> bool:
+        """Whether the tensor's menu offers more than dense (the plan may send it by allgather)."""
+        return bool(self.controller.compressors) and numel >= self.controller.min_compress_numel
+
+    def _quantized(self, numel: int) -> bool:
+        """Whether the tensor's menu offers QSGD and sign (both are profiled together)."""
+        return numel >= self.controller.min_compress_numel and bool({"qsgd", "sign"} & set(self.controller.compressors))
+
+    def _quant_errors(self, name: str, g: torch.Tensor) -> list[float]:
+        """``[qsgd8, qsgd4, qsgd2, sign]`` squared errors of ``v`` when the menu offers quantisers, else ``[]``."""
+        if not self._quantized(g.numel()):
+            return []
+        estimate = self._feedback.quant_profile(name, g, DEFAULT_BUCKET)
+        return [estimate.qsgd[b] for b in QSGD_BITS] + [estimate.sign]
+
+    def _seed(self, index: int) -> int:
+        """QSGD's draw key of tensor ``index`` this step on this rank: distinct per (step, tensor, rank), < 2**64."""
+        return ((self.step % 2**24) << 40) | ((index % 2**24) << 16) | (self.rank % 2**16)
+
     def _run_step(self) -> None:
         hvd, fb, world = self._hvd, self._feedback, self.world_size
         started = time.perf_counter()
@@ -313,6 +355,7 @@ class Kimad:
         for name, g in zip(names, grads):
             errors, sq_norm = fb.error_profile(name, g, self._ks(g.numel()))
             agree += [sq_norm, *errors]
+            agree += self._quant_errors(name, g)
         timings = {kind: (nbytes, s) for kind, nbytes, s in self._last_samples}
         have_prev = self._last_end is not None and bool(self._last_samples)
         compute_s = started - self._last_end if self._last_end is not None else 0.0
@@ -346,13 +389,15 @@ class Kimad:
         t_plan = time.perf_counter()
         profiles, pos = [], 0
         for name, g in zip(names, grads):
-            m = len(self._ks(g.numel()))
-            profiles.append(TensorProfile(name, g.numel(), max(0.0, profile_values[pos]),
-                                          tuple(max(0.0, e) for e in profile_values[pos + 1: pos + 1 + m])))
-            pos += 1 + m
+            m, quant = len(self._ks(g.numel())), self._quantized(g.numel())
+            values = [max(0.0, e) for e in profile_values[pos: pos + 1 + m + 4 * quant]]
+            qsgd = dict(zip(QSGD_BITS, values[1 + m: 4 + m])) if quant else None
+            profiles.append(TensorProfile(name, g.numel(), values[0], tuple(values[1: 1 + m]), qsgd_errors=qsgd,
+                                          sign_error=values[4 + m] if quant else None))
+            pos += 1 + m + 4 * quant
         cost = CostModel.from_estimate(self.controller.estimate(), world)
         user_budget = self.budget.budget_s()
-        credit, charged, issued = cost.batched_latency_credit([bool(self._ks(g.numel())) for g in grads],
+        credit, charged, issued = cost.batched_latency_credit([self._compressible(g.numel()) for g in grads],
                                                               [g.numel() for g in grads], user_budget,
                                                               self.min_byte_share)
         self.controller.budget.credit_s = credit
@@ -365,18 +410,24 @@ class Kimad:
         # d: encode per plan.
         prefix = torch.tensor(list(bytes.fromhex(digest[: 2 * DIGEST_PREFIX_BYTES])), dtype=torch.uint8)
         sparse, dense, local_errors = [prefix], [], {}
-        for entry, name, g in zip(plan.entries, names, grads):
+        for index, (entry, name, g) in enumerate(zip(plan.entries, names, grads)):
             if entry.fmt is MessageFormat.TOPK:
                 msg = fb.encode_topk(name, g, entry.k)
                 sparse.append(encode_topk(msg.values, msg.indices, g.numel(), name=name).cpu())
                 local_errors[name] = msg.sq_error
+            elif entry.fmt in (MessageFormat.QSGD, MessageFormat.SIGN):
+                quantized = fb.encode_quantized(name, g, entry.fmt.value, bits=entry.bits, bucket=DEFAULT_BUCKET,
+                                                seed=self._seed(index))
+                sparse.append(quantized.payload.cpu())
+                local_errors[name] = quantized.sq_error
             elif entry.fmt is MessageFormat.DENSE32:
                 v = fb.correct(name, g)
                 fb.sent_dense(name, v)
                 dense.append(v.view(-1))
                 local_errors[name] = 0.0
             else:
-                raise KimadError(f"plan chose {entry.fmt.value} for {name!r}; the Horovod plugin sends topk or dense32")
+                raise KimadError(f"plan chose {entry.fmt.value} for {name!r}; the Horovod plugin sends topk, qsgd, "
+                                 "sign or dense32")
 
         # e + f: one allgather (digest prefix, sparse messages, and the dense buffer when riding along is cheaper
         # than an allreduce of its own), verified before any dense allreduce.
@@ -411,18 +462,20 @@ class Kimad:
         sparse_pos, dense_pos = DIGEST_PREFIX_BYTES, 0
         for entry, name, g in zip(plan.entries, names, grads):
             n = g.numel()
-            if entry.fmt is MessageFormat.TOPK:
-                messages = []
-                for r in range(world):
-                    seg = gathered[r * per_rank + sparse_pos: r * per_rank + sparse_pos + entry.bytes]
-                    values, indices = decode_topk(seg, n, name=name)
-                    messages.append((values.to(g.device), indices.to(g.device)))
-                sparse_pos += entry.bytes
-                estimate = fb.estimate_topk(name, messages, g, scale)
-            else:
+            if entry.fmt is MessageFormat.DENSE32:
                 c = dense_sum[dense_pos: dense_pos + n] * scale
                 dense_pos += n
                 estimate = fb.estimate(name, c.view(g.shape))
+            else:
+                segments = [gathered[r * per_rank + sparse_pos: r * per_rank + sparse_pos + entry.bytes].to(g.device)
+                            for r in range(world)]
+                sparse_pos += entry.bytes
+                if entry.fmt is MessageFormat.TOPK:
+                    messages = [decode_topk(seg, n, name=name) for seg in segments]
+                    estimate = fb.estimate_topk(name, messages, g, scale)
+                else:
+                    estimate = fb.estimate_quantized(name, segments, g, scale, fmt=entry.fmt.value, bits=entry.bits,
+                                                     bucket=DEFAULT_BUCKET)
             self._results[name] = estimate.to(g.dtype).view(g.shape)
 
         ended = time.perf_counter()
@@ -470,11 +523,14 @@ class Kimad:
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
             "tensors": {e.name: {"option": e.label, "bytes": e.bytes, "predicted_error": e.error,
-                                 "local_error": local_errors[e.name]} for e in plan.entries},
+                                 "local_error": local_errors[e.name], **self._density_and_bits(e)}
+                        for e in plan.entries},
         }
         if self.metrics_path and (self.rank == 0 or "{rank}" in self.metrics_path):
             with open(self.metrics_path.format(rank=self.rank), "a") as f:
                 f.write(json.dumps(self.metrics, allow_nan=True) + "\n")
+        if self._tensorboard is not None:
+            self._write_tensorboard(self.metrics)
         if self.log_every and self.rank == 0 and (plan.step + 1) % self.log_every == 0:
             m = self.metrics
             sparse = sum(e.fmt is MessageFormat.TOPK for e in plan.entries)
@@ -482,6 +538,23 @@ class Kimad:
                   f"budget {m['budget_s'] * 1e3:.2f} ms, {m['actual_bytes']:,} B ({sparse}/{len(plan.entries)} top-k), "
                   f"comm {m['actual_comm_s'] * 1e3:.2f} ms (predicted {m['predicted_comm_s'] * 1e3:.2f})"
                   f"{' OVER BUDGET' if plan.over_budget else ''}", flush=True)
+
+    def _density_and_bits(self, entry) -> dict:
+        """``density``: fraction of the tensor's entries sent (k / n for top-k, else 1); ``bits``: message bits per element."""
+        numel = self._params[self._order[entry.name]][1].numel()
+        density = entry.k / numel if entry.fmt is MessageFormat.TOPK else 1.0
+        return {"density": density, "bits": 8 * entry.bytes / numel}
+
+    def _write_tensorboard(self, m: dict) -> None:
+        """The step's figures as TensorBoard scalars (rank 0; see ``tensorboard_dir``), flushed every step."""
+        writer, step = self._tensorboard, m["step"]
+        for key in TENSORBOARD_SCALARS:
+            if m[key] is not None:  # compute_s is unknown on the first step
+                writer.add_scalar(f"kimad/{key}", m[key], step)
+        for name, t in m["tensors"].items():
+            writer.add_scalar(f"kimad/density/{name}", t["density"], step)
+            writer.add_scalar(f"kimad/bits/{name}", t["bits"], step)
+        writer.flush()
 
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -191,3 +191,63 @@ def test_estimate_topk_of_a_smaller_tensor_after_a_larger_one_starts_from_zero()
     fb.estimate_topk("big", big, torch.zeros(1000), 0.5)  # leaves nonzero sums behind if the buffer were not cleared
     assert torch.equal(fb.estimate_topk("small", small, torch.zeros(24), 0.5),
                        plain.estimate("small", dense_aggregate(small, 24, 0.5)))
+
+
+def quant_payloads(world: int, n: int, bits: int, seed: int):
+    from kimad import ops
+
+    g = torch.Generator().manual_seed(seed)
+    return [ops.qsgd_encode(torch.randn(n, generator=g), torch.zeros(n), bits=bits, seed=seed + r).payload
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("mode", ["ef21", "ef", None])
+def test_estimate_quantized_is_bitwise_estimate_of_the_decoded_sum(mode):
+    from kimad import ops
+
+    fast, plain = ErrorFeedback(mode), ErrorFeedback(mode)
+    fast.estimate_topk("big", ranks_messages(2, 2000, 500, 9), torch.zeros(2000), 0.5)  # the buffer was used before
+    for step in range(3):
+        payloads = quant_payloads(3, 1000, 4, step)
+        c = torch.zeros(1000)
+        for payload in payloads:  # rank by rank, as the plugin sums them
+            ops.quant_decode_accumulate(c, payload, fmt="qsgd", numel=1000, bits=4, scale=1 / 3)
+        got = fast.estimate_quantized("w", payloads, torch.zeros(10, 100), 1 / 3, fmt="qsgd", bits=4, bucket=512)
+        assert got.shape == (10, 100) and torch.equal(got, plain.estimate("w", c.view(10, 100)))
+
+
+def test_a_corrupt_quantized_message_leaves_the_reused_buffer_zero():
+    from kimad.errors import CorruptMessageError
+
+    fb = ErrorFeedback("ef21")
+    good, bad = quant_payloads(2, 1000, 8, 0)
+    with pytest.raises(CorruptMessageError):
+        fb.estimate_quantized("w", [good, bad[:-1]], torch.zeros(1000), 0.5, fmt="qsgd", bits=8, bucket=512)
+    assert torch.equal(fb._scratch, torch.zeros_like(fb._scratch))
+
+
+@pytest.mark.parametrize("mode", ["ef21", "ef"])
+def test_quantized_messages_update_the_state_as_top_k_does(mode):
+    from kimad import ops
+
+    fb = ErrorFeedback(mode)
+    fb.encode_topk("w", grads(0, (40, 30)), 50)  # a nonzero state
+    g = grads(1, (40, 30))
+    for fmt, bits in (("qsgd", 2), ("sign", None)):
+        before = fb.local["w"].clone()
+        v = g - before if mode == "ef21" else g + before
+        msg = fb.encode_quantized("w", g, fmt, bits=bits, bucket=512, seed=7)
+        sent = ops.quant_decode_accumulate(torch.zeros(1200), msg.payload, fmt=fmt, numel=1200, bits=bits).view(40, 30)
+        expected = before + sent if mode == "ef21" else v - sent
+        assert torch.allclose(fb.local["w"], expected, atol=1e-6)
+        assert msg.sq_error == pytest.approx(float((v - sent).pow(2).sum()), rel=1e-4)
+
+
+def test_quant_profile_reads_v_and_leaves_the_state_alone():
+    fb = ErrorFeedback("ef21")
+    fb.encode_topk("w", grads(0, (40, 30)), 50)
+    before = fb.local["w"].clone()
+    estimate = fb.quant_profile("w", grads(1, (40, 30)), 512)
+    assert torch.equal(fb.local["w"], before)
+    assert estimate.sq_norm == pytest.approx(float((grads(1, (40, 30)) - before).pow(2).sum()), rel=1e-5)
+    assert set(estimate.qsgd) == {8, 4, 2} and estimate.qsgd[8] < estimate.qsgd[4] < estimate.qsgd[2]

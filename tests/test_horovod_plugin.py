@@ -63,7 +63,7 @@ def test_import_kimad_does_not_import_horovod():
 
 @pytest.mark.parametrize("options, match", [
     ({"allocator": "greedy"}, "unknown allocator 'greedy'"),
-    ({"compressors": ("topk", "qsgd")}, r"\['qsgd'\] are not supported"),
+    ({"compressors": ("topk", "fp16")}, r"\['fp16'\] are not supported"),
     ({"error_feedback": "ef22"}, "unknown error_feedback 'ef22'"),
     ({"budget_s": -0.01}, "budget_s must be > 0"),
     ({"budget_s": "fast"}, "budget must be seconds"),
@@ -157,6 +157,50 @@ def test_metrics_break_a_step_down_into_kimads_own_work_and_its_collectives(hvd)
     assert m["overhead_s"] + m["agree_s"] + m["actual_comm_s"] <= m["kimad_step_s"] + 1e-9
 
 
+def test_tensorboard_dir_gets_every_steps_scalars_and_per_tensor_density_and_bits(hvd, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1e-3, tensorboard_dir=str(tmp_path / "tb"))
+    steps = []
+    for step in range(3):
+        grads_of(model, step)
+        run_step(compression, model)
+        steps.append(compression.metrics)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for key in ("bandwidth_bps", "latency_s", "budget_s", "predicted_bytes", "actual_bytes", "predicted_comm_s",
+                "actual_comm_s", "agree_s", "compute_s", "overhead_s", "kimad_step_s", "predicted_error"):
+        assert f"kimad/{key}" in tags, key
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        assert {f"kimad/density/{name}", f"kimad/bits/{name}"} <= tags
+    actual = events.Scalars("kimad/actual_bytes")
+    assert [e.step for e in actual] == [0, 1, 2]
+    assert [e.value for e in actual] == [float(m["actual_bytes"]) for m in steps]
+    assert [e.step for e in events.Scalars("kimad/compute_s")] == [1, 2]  # unknown on the first step
+    # Dense on one rank: every entry sent, 32 bits per element.
+    assert [e.value for e in events.Scalars("kimad/density/0.weight")] == [1.0] * 3
+    assert [e.value for e in events.Scalars("kimad/bits/0.weight")] == [32.0] * 3
+
+
+def test_tensorboard_dir_without_the_tensorboard_package_is_a_clear_error(hvd, monkeypatch):
+    for module in [m for m in sys.modules if m == "tensorboard" or m.startswith(("tensorboard.", "torch.utils.tensorboard"))]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
+    with pytest.raises(KimadError, match="needs the tensorboard package"):
+        kimad.Kimad(nn.Linear(4, 4).named_parameters(), budget_s=1.0, tensorboard_dir="/nonexistent/tb")
+
+
+def test_metrics_give_each_tensors_density_and_bits_per_element(hvd):
+    model = nn.Linear(64, 64)
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1e9)
+    grads_of(model)
+    run_step(compression, model)
+    assert compression.metrics["tensors"]["weight"]["density"] == 1.0
+    assert compression.metrics["tensors"]["weight"]["bits"] == 32.0
+
+
 def test_log_every_prints_one_summary_line_every_n_steps(hvd, capsys):
     model = nn.Linear(64, 64)
     compression = kimad.Kimad(model.named_parameters(), budget_s=1e-3, log_every=2)
@@ -226,6 +270,19 @@ def assert_both_ranks(proc, marker: str, np: int = 2) -> None:
         "ride-np4"])
 def test_all_dense_plan_equals_plain_horovod(args, np):
     assert_both_ranks(horovodrun("kimad_equivalence.py", *args, np=np), "kimad equivalence", np=np)
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+def test_qsgd_and_sign_plans_aggregate_every_ranks_message_and_update_the_feedback_state():
+    # Forced (tiny budget) and budget-chosen QSGD/sign plans under EF21, EF and none: the script checks every
+    # quantised tensor's gradient against a plain decode of all ranks' messages, and each rank's state update.
+    proc = horovodrun("kimad_quant.py")
+    assert_both_ranks(proc, "kimad quant")
+    output = proc.stdout + proc.stderr
+    assert output.count("kimad quant: rank 0") == 5, output[-6000:]
+    for option in ("qsgd2", "qsgd8", "sign"):
+        assert f"'{option}'" in output, output[-6000:]
 
 
 @pytest.mark.horovod
