@@ -297,8 +297,11 @@ class BandwidthEstimator:
             sigma2 = float(np.sum(v * r * r)) / (n_eff - p)
             ja, jb = a / q, b / q  # Jacobian of the log residual
             vaa, vbb, vab = float(np.sum(v * ja * ja)), float(np.sum(v * jb * jb)), float(np.sum(v * ja * jb))
-            var_beta = sigma2 * (vaa / (vaa * vbb - vab * vab) if joint else 1.0 / vbb)
-            rel_se = math.sqrt(max(var_beta, 0.0)) / beta
+            det = vaa * vbb - vab * vab
+            # The robust weights may leave samples of a single size: latency and bandwidth are then confounded.
+            if not joint or det > _IDENTIFIABLE_TOL * vaa * vbb:
+                var_beta = sigma2 * (vaa / det if joint else 1.0 / vbb)
+                rel_se = math.sqrt(max(var_beta, 0.0)) / beta
         s.bandwidth_bps = 1.0 / seconds_per_bit
         s.latency_s = latency
         s.bandwidth_rel_stderr = rel_se
@@ -320,7 +323,7 @@ class BandwidthEstimator:
         ja, jb = data[:, 0] / predicted, data[:, 1] / predicted  # Jacobian of the log residual
         vaa, vbb, vab = float(np.sum(v * ja * ja)), float(np.sum(v * jb * jb)), float(np.sum(v * ja * jb))
         det = vaa * vbb - vab * vab
-        return sigma2 * vbb / det if det > 0 else math.inf
+        return sigma2 * vbb / det if det > _IDENTIFIABLE_TOL * vaa * vbb else math.inf
 
     def _robust_fit(self, data: np.ndarray, w: np.ndarray, joint: bool = True) -> tuple[float, float, bool, np.ndarray]:
         """Steps 2-4 of the module docstring on ``data`` (rows ``(T, X bits, seconds, step)``) with forgetting
