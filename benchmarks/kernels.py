@@ -4,12 +4,19 @@
 
 Baselines per row: "floor" is ``torch.add(a, b, out=c)`` on the same d (a memory-bound pass
 that reads 2d and writes d floats), "torch" is the plain torch composition of the same op.
-Every figure is the median of ``--repeats`` timed runs after one warm-up. The table says the
-machine it ran on; ``--json`` writes the rows (op, d, density, median_ms, x_floor, x_torch).
+Every figure is the median of ``--repeats`` timed runs after one warm-up (at d = 100M: a third as
+many, at least 3; the slow torch compositions at d >= 25M: a third of those, at least 1, and one
+run without warm-up for the sort-based error profile). The full run (d = 1M, 25M, 100M;
+densities 0.1%, 1%, 10%) holds about 5 GB and takes several minutes; ``--quick`` is d = 25M at
+1%. The table says the machine it ran on; ``--json`` writes the rows (op, d, density,
+median_ms, x_floor, x_torch).
 
 Ops covered so far:
-  decode8   decode-and-accumulate of 8 ranks' sparse messages (density each) into a dense d,
-            vs torch: ``out.index_add_(0, idx, values)`` per rank (duplicates add up in both).
+  decode8   decode-and-accumulate of 8 ranks' sparse messages (density each) into a dense d:
+            one ``sparse_sum`` call that overwrites a preallocated ``out`` with the averaged sum
+            (zeroing included in the time; bounds checks included). Indices are ascending, as
+            ``topk_encode`` emits them, and overlap across ranks. vs torch: ``out.zero_()`` and
+            ``out.index_add_(0, idx, values)`` per rank (duplicates add up in both).
   ef_topk   fused EF21 exact top-k encode (k = density * d) vs torch: ``v = g - h;
             torch.topk(v.abs(), k); v.gather; h[idx] += vals``.
   profile16 error profile for 16 densities geometric from 1e-4 to 1 (one histogram pass) vs
@@ -33,14 +40,15 @@ from collections.abc import Callable
 import torch
 
 from kimad.bench.machine import cpu_model
-from kimad.ops import error_profile, qsgd_encode, sign_encode, sparse_accumulate, topk_encode
+from kimad.ops import error_profile, qsgd_encode, sign_encode, sparse_sum, topk_encode
 
 
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warmup: bool = True) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` runs (after one warm-up unless told not to)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
+    if warmup:
+        fn()
+        sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -56,21 +64,25 @@ def machine(device: torch.device) -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
+def slow_repeats(d: int, repeats: int) -> int:
+    """Timed runs of the slow torch compositions (top-k, sort) at size d."""
+    return repeats if d < 25_000_000 else max(1, repeats // 3)
+
+
 def bench_decode(d: int, density: float, ranks: int, repeats: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     k = max(1, int(d * density))
-    msgs = [
-        (torch.randn(k, generator=g).to(device), torch.randperm(d, generator=g)[:k].to(torch.int32).to(device))
-        for _ in range(ranks)
-    ]
+    msgs = []
+    for _ in range(ranks):
+        # About k distinct ascending indices (unique() sorts), drawn in O(k) rather than a randperm of d.
+        idx = torch.randint(0, d, (k,), generator=g).unique().to(torch.int32)
+        msgs.append((torch.randn(idx.numel(), generator=g).to(device), idx.to(device)))
     msgs64 = [(v, i.long()) for v, i in msgs]
     out = torch.zeros(d, device=device)
     a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
 
     def kimad_decode():
-        out.zero_()
-        for v, i in msgs:
-            sparse_accumulate(out, v, i, scale=1.0 / ranks)
+        sparse_sum(out, msgs, scale=1.0 / ranks)
 
     def torch_decode():
         out.zero_()
@@ -108,7 +120,7 @@ def bench_ef_topk(d: int, density: float, repeats: int, device: torch.device) ->
 
     floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
     ours = median_ms(lambda: topk_encode(grad, h, k, mode="ef21"), repeats, device)
-    ref = median_ms(torch_ef_topk, repeats, device)
+    ref = median_ms(torch_ef_topk, slow_repeats(d, repeats), device)
     return _row("ef_topk", d, density, ours, floor, ref)
 
 
@@ -128,7 +140,8 @@ def bench_profile16(d: int, repeats: int, device: torch.device) -> dict:
 
     floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
     ours = median_ms(lambda: error_profile(grad, h, ks, mode="ef21"), repeats, device)
-    ref = median_ms(torch_profile, max(1, repeats // 3), device)
+    ref = median_ms(torch_profile, max(1, repeats // 3), device) if d < 25_000_000 else \
+        median_ms(torch_profile, 1, device, warmup=False)
     return _row("profile16", d, 1.0, ours, floor, ref)
 
 
@@ -214,16 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['op']:<10}{row['d']:>13,}{row['density']:>9.3%}{row['median_ms']:>11.2f}{row['x_floor']:>9.2f}"
               f"{row['x_torch']:>9.2f}", flush=True)
 
+    started = time.perf_counter()
     for d in sizes:
+        reps = args.repeats if d <= 25_000_000 else max(3, args.repeats // 3)
         for density in densities:
-            for row in (bench_decode(d, density, 8, args.repeats, device),
-                        bench_ef_topk(d, density, args.repeats, device)):
+            for row in (bench_decode(d, density, 8, reps, device),
+                        bench_ef_topk(d, density, reps, device)):
                 rows.append(row)
                 print_row(row)
-        for row in (bench_profile16(d, args.repeats, device), bench_qsgd4_ef(d, args.repeats, device),
-                    bench_sign_ef(d, args.repeats, device)):
+        for row in (bench_profile16(d, reps, device), bench_qsgd4_ef(d, reps, device),
+                    bench_sign_ef(d, reps, device)):
             rows.append(row)
             print_row(row)
+    print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(device), "rows": rows}, f, indent=1)

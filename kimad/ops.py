@@ -89,6 +89,84 @@ def sparse_accumulate(
     return out
 
 
+def sparse_sum(
+    out: torch.Tensor,
+    messages: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    scale: float = 1.0,
+    accumulate: bool = False,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Decode and sum several ranks' sparse messages in one native call.
+
+    ``out = scale * sum_r messages[r]`` (``accumulate=False``: every element is overwritten, so
+    ``out`` may be uninitialised) or ``out += scale * sum_r messages[r]`` (``accumulate=True``).
+    Bitwise the same as zeroing ``out`` (unless accumulating) and calling :func:`sparse_accumulate`
+    once per message in order, for any number of threads. Duplicate indices, within and across
+    messages, add up. Every index of every message is checked before anything is written.
+    Messages with non-decreasing indices (as :func:`topk_encode` emits them) are merged in one
+    pass over ``out``; if any message is unsorted the batch is scattered message by message.
+
+    Args:
+        out: contiguous float32 tensor of any shape (addressed flat), the caller's buffer.
+        messages: ``(values, indices)`` per rank, in rank order: 1-D ``values`` (float32; other
+            float dtypes are converted) and 1-D int32 or int64 ``indices`` of one length, flat
+            positions in ``[0, out.numel())``.
+        scale: multiplier of every value (e.g. ``1 / world_size`` to average).
+        accumulate: add to ``out`` instead of overwriting it.
+        name: the tensor's name, used in error messages.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        KimadError: wrong dtype, device or shape.
+        CorruptMessageError: a length mismatch or an index outside ``[0, out.numel())``; ``out``
+            is unchanged.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise KimadError(f"sparse_sum for {name!r}: out must be a torch tensor")
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise KimadError(f"sparse_sum for {name!r}: out must be a contiguous float32 tensor, got {out.dtype}"
+                         f"{'' if out.is_contiguous() else ', non-contiguous'}")
+    if out.numel() > torch.iinfo(torch.int32).max:
+        raise KimadError(f"sparse_sum for {name!r}: {out.numel():,} elements exceed int32 indexing")
+    all_values, all_indices = [], []
+    for rank, message in enumerate(messages):
+        if not isinstance(message, tuple | list) or len(message) != 2:
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} must be a (values, indices) pair")
+        values, indices = message
+        if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} must hold torch tensors")
+        if values.dim() != 1 or indices.dim() != 1:
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} values and indices must be 1-D, got shapes "
+                             f"{tuple(values.shape)} and {tuple(indices.shape)}")
+        if values.numel() != indices.numel():
+            raise CorruptMessageError(f"message {rank} for {name!r} has {values.numel():,} values but "
+                                      f"{indices.numel():,} indices")
+        if not values.is_floating_point():
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} values must be floating point, got {values.dtype}")
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} indices must be int32 or int64, got {indices.dtype}")
+        if values.device != out.device or indices.device != out.device:
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} ({values.device}, {indices.device}) is not on "
+                             f"out's device ({out.device})")
+        if indices.dtype == torch.int64:
+            bad = (indices < 0) | (indices >= out.numel())
+            if bool(bad.any()):
+                pos = int(bad.nonzero()[0, 0])
+                raise CorruptMessageError(f"message {rank} for {name!r} has index {int(indices[pos]):,} at position "
+                                          f"{pos:,}; the tensor has {out.numel():,} elements")
+            indices = indices.to(torch.int32)
+        all_values.append(values.to(torch.float32).contiguous())
+        all_indices.append(indices.contiguous())
+    rank, pos = native().sparse_sum(out, all_values, all_indices, float(scale), bool(accumulate))
+    if rank >= 0:
+        raise CorruptMessageError(f"message {rank} for {name!r} has index {int(all_indices[rank][pos]):,} at position "
+                                  f"{pos:,}; the tensor has {out.numel():,} elements")
+    return out
+
+
 _FEEDBACK_MODES = {"ef": 0, "ef21": 1}
 
 
@@ -110,7 +188,7 @@ class TopKMessage:
 
 
 def _feedback_operands(op: str, grad: torch.Tensor, state: torch.Tensor, mode: str, name: str):
-    """Validated (flat float32 grad, flat state view, mode code) for the top-k ops."""
+    """Validated (flat grad: float32, float16 or bfloat16; flat state view; mode code) for the top-k ops."""
     if not isinstance(grad, torch.Tensor) or not isinstance(state, torch.Tensor):
         raise KimadError(f"{op} for {name!r}: grad and state must be torch tensors")
     if mode not in _FEEDBACK_MODES:
@@ -130,7 +208,11 @@ def _feedback_operands(op: str, grad: torch.Tensor, state: torch.Tensor, mode: s
         raise KimadError(f"{op} for {name!r}: grad ({grad.device}) and state ({state.device}) must be on one device")
     if grad.numel() > torch.iinfo(torch.int32).max:
         raise KimadError(f"{op} for {name!r}: {grad.numel():,} elements exceed int32 indexing")
-    flat_grad = grad.detach().to(torch.float32).contiguous().view(-1)
+    # float16 and bfloat16 are read natively by the kernels (no float32 copy); others are converted.
+    g = grad.detach()
+    if g.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        g = g.to(torch.float32)
+    flat_grad = g.contiguous().view(-1)
     return flat_grad, state.view(-1), _FEEDBACK_MODES[mode]
 
 
@@ -150,8 +232,9 @@ def topk_encode(
     ``e = v - TopK_k(v)``. The result is bitwise deterministic (any thread count).
 
     Args:
-        grad: gradient of any shape and float dtype (float16/bfloat16 and non-contiguous views
-            are converted to a contiguous float32 copy).
+        grad: gradient of any shape and float dtype; float32, float16 and bfloat16 are read as
+            they are (computed with in float32), float64 is converted to a float32 copy, and
+            non-contiguous views are copied.
         state: contiguous float32 tensor with ``grad.numel()`` elements, updated in place.
         k: number of entries to send, ``0 <= k <= grad.numel()``.
         mode: ``"ef21"`` (default) or ``"ef"``.
@@ -257,10 +340,16 @@ class QuantErrorEstimate:
 _QUANT_DECODE_REASONS = {
     1: "has {got:,} bytes but a {fmt} message of {numel:,} elements (bits={bits}, bucket={bucket}) has {want:,}",
     2: "header says {hdr:,} elements but the tensor has {numel:,}",
-    3: "header has format tag 0x{tag:02x}, bits {hbits} (or non-zero reserved bytes); expected a {fmt} "
-       "message with bits={bits}",
+    3: "header has format tag 0x{tag:02x}, bits {hbits}; expected a {fmt} message with bits={bits}",
     4: "carries a bucket norm or scale that is negative, NaN or Inf",
+    5: "header says bucket field {hbucket} but the receiver expects bucket={bucket} (field {want_bucket}; "
+       "0 means one bucket spans the tensor)",
 }
+
+
+def _bucket_field(numel: int, bucket: int) -> int:
+    """The header's bucket field (kimad.compressors.quant.bucket_field)."""
+    return 0 if bucket >= numel else bucket
 
 
 def _quant_operands(op: str, grad, state, mode: str, bucket, name: str):
@@ -271,6 +360,9 @@ def _quant_operands(op: str, grad, state, mode: str, bucket, name: str):
 
 def _quant_encode(op: str, grad, state, bits: int, bucket: int, seed: int, mode: str, name: str) -> QuantMessage:
     flat_grad, flat_state, code = _quant_operands(op, grad, state, mode, bucket, name)
+    if bucket > 0xFFFF and bucket < flat_grad.numel():
+        raise KimadError(f"{op} for {name!r}: bucket={bucket:,} does not fit the message header's 16-bit bucket "
+                         f"field: use at most 65,535 elements (or >= numel={flat_grad.numel():,}, one bucket)")
     nbytes = native().quant_message_bytes(flat_grad.numel(), bits, bucket)
     payload = torch.empty(nbytes, dtype=torch.uint8, device=grad.device)
     if bits == 1:
@@ -307,7 +399,8 @@ def qsgd_encode(
     Args:
         grad, state, mode, name: as for :func:`topk_encode`.
         bits: bits per element: 8, 4 or 2.
-        bucket: elements per bucket (>= 1).
+        bucket: elements per bucket: 1 to 65,535, or any size >= numel (one bucket); the
+            message header records it, so a receiver expecting another bucket refuses it.
         seed: the draws' key, an int in ``[0, 2**64)``; use a fresh one per step and rank.
 
     Returns:
@@ -360,7 +453,7 @@ def quant_decode_accumulate(
 ) -> torch.Tensor:
     """Decode one QSGD or sign message into a dense tensor: ``out += scale * decoded``.
 
-    The length, the header (element count, format, bits) and every bucket norm / scale are checked
+    The length, the header (element count, format, bits, bucket) and every bucket norm / scale are checked
     before anything is written, so a corrupt message leaves ``out`` unchanged.
 
     Args:
@@ -369,7 +462,7 @@ def quant_decode_accumulate(
         fmt: ``"qsgd"`` or ``"sign"``.
         numel: the tensor's number of elements (must equal ``out.numel()``).
         bits: for ``qsgd``, 8, 4 or 2 (ignored for ``sign``).
-        bucket: elements per bucket the sender used.
+        bucket: elements per bucket the sender used (checked against the header's bucket field).
         scale: multiplier of every decoded value (e.g. ``1 / world_size``).
         name: the tensor's name, used in error messages.
 
@@ -411,7 +504,8 @@ def quant_decode_accumulate(
         raise CorruptMessageError(f"{fmt} message for {name!r} " + _QUANT_DECODE_REASONS[status].format(
             got=payload.numel(), fmt=fmt, numel=numel, bits=code_bits, bucket=bucket,
             want=native().quant_message_bytes(numel, code_bits, bucket),
-            hdr=int.from_bytes(bytes(head[:4]), "little"), tag=head[4], hbits=head[5]))
+            hdr=int.from_bytes(bytes(head[:4]), "little"), tag=head[4], hbits=head[5],
+            hbucket=int.from_bytes(bytes(head[6:8]), "little"), want_bucket=_bucket_field(numel, bucket)))
     return out
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimad import CorruptMessageError, KimadError
-from kimad.ops import sparse_accumulate
+from kimad.ops import sparse_accumulate, sparse_sum
 
 
 def reference(out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
@@ -108,3 +108,109 @@ def test_length_mismatch_is_a_corrupt_message():
 def test_bad_arguments_raise_named_errors(out, values, indices, match):
     with pytest.raises(KimadError, match=match):
         sparse_accumulate(out, values, indices)
+
+
+# ---- sparse_sum: all ranks' messages in one call ------------------------------------------------
+
+
+def reference_sum(out: torch.Tensor, messages, scale: float, accumulate: bool) -> torch.Tensor:
+    """Zero ``out`` unless accumulating, then add every message entry by entry, in rank order."""
+    r = out.clone() if accumulate else torch.zeros_like(out)
+    for values, indices in messages:
+        r = reference(r, values, indices, scale)
+    return r
+
+
+@st.composite
+def batches(draw):
+    numel = draw(st.integers(1, 3000))
+    ranks = draw(st.integers(0, 5))
+    sort = draw(st.sampled_from(["all", "none", "some"]))
+    narrow = draw(st.booleans())  # all indices in a few elements: heavy duplicates across ranks
+    hi = min(numel - 1, 3) if narrow else numel - 1
+    messages = []
+    for r in range(ranks):
+        idx = draw(st.lists(st.integers(0, hi), max_size=200))
+        if sort == "all" or (sort == "some" and r % 2 == 0):
+            idx.sort()
+        messages.append(idx)
+    return numel, messages, draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from([1.0, 0.125, 1 / 3, -2.0]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches(), st.booleans())
+def test_sum_matches_reference_bit_for_bit(batch, accumulate):
+    numel, idx_lists, seed, scale = batch
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(numel, generator=g)
+    messages = [(torch.randn(len(idx), generator=g), torch.tensor(idx, dtype=torch.int32)) for idx in idx_lists]
+    expected = reference_sum(out, messages, scale, accumulate)
+    sparse_sum(out, messages, scale=scale, accumulate=accumulate)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("sorted_indices", [True, False])
+def test_large_threaded_sum_of_overlapping_messages_matches_reference(device, sorted_indices):
+    g = torch.Generator().manual_seed(3)
+    numel, ranks, count = 1 << 20, 8, 1 << 15  # several merge blocks and validation chunks per thread
+    messages = []
+    for _ in range(ranks):
+        indices = torch.randint(0, numel, (count,), generator=g, dtype=torch.int32)
+        messages.append((torch.randn(count, generator=g), indices.sort().values if sorted_indices else indices))
+    out = torch.full((numel,), float("nan"))  # overwritten: stale contents must not leak through
+    expected = torch.zeros(numel)
+    for values, indices in messages:
+        expected.index_put_((indices.long(),), values * 0.125, accumulate=True)
+    got = sparse_sum(out.to(device), [(v.to(device), i.to(device)) for v, i in messages], scale=0.125).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if device.type == "cpu":
+        serial = torch.zeros(numel)
+        for values, indices in messages:
+            sparse_accumulate(serial, values, indices, scale=0.125)
+        assert torch.equal(got, serial)
+
+
+def test_sum_of_no_messages_zeroes_out_unless_accumulating():
+    assert sparse_sum(torch.ones(5), []).tolist() == [0.0] * 5
+    assert sparse_sum(torch.ones(5), [], accumulate=True).tolist() == [1.0] * 5
+
+
+def test_sum_accepts_int64_indices_half_values_and_multidimensional_out():
+    out = torch.empty(2, 2)
+    messages = [(torch.tensor([1.5], dtype=torch.float16), torch.tensor([3])),
+                (torch.tensor([2.5, 1.0]), torch.tensor([3, 0], dtype=torch.int32))]
+    assert sparse_sum(out, messages).tolist() == [[1.0, 0.0], [0.0, 4.0]]
+
+
+@pytest.mark.parametrize("sorted_indices", [True, False])
+@pytest.mark.parametrize("bad", [-1, 10, 2**31 - 1])
+def test_out_of_range_index_in_any_message_raises_and_leaves_out_unchanged(device, bad, sorted_indices):
+    out = torch.full((10,), 3.0, device=device)
+    good = (torch.ones(3, device=device), torch.tensor([0, 4, 9] if sorted_indices else [9, 0, 4],
+                                                       dtype=torch.int32, device=device))
+    corrupt = (torch.ones(3, device=device), torch.tensor([1, 2, bad], dtype=torch.int32, device=device))
+    with pytest.raises(CorruptMessageError, match=rf"message 1 for 'fc.weight' has index {bad:,} at position 2"):
+        sparse_sum(out, [good, corrupt, good], name="fc.weight")
+    assert torch.equal(out.cpu(), torch.full((10,), 3.0))
+
+
+def test_sum_length_mismatch_names_the_message():
+    messages = [(torch.ones(1), torch.zeros(1, dtype=torch.int32)), (torch.ones(2), torch.zeros(3, dtype=torch.int32))]
+    with pytest.raises(CorruptMessageError, match="message 1 for 'w' has 2 values but 3 indices"):
+        sparse_sum(torch.zeros(4), messages, name="w")
+
+
+@pytest.mark.parametrize(
+    "out, messages, match",
+    [
+        (torch.zeros(4, dtype=torch.float64), [], "contiguous float32"),
+        (torch.zeros(4, 2).t(), [], "contiguous float32"),
+        (torch.zeros(4), [(torch.ones(1),)], "must be a \\(values, indices\\) pair"),
+        (torch.zeros(4), [(torch.ones(1, 1), torch.zeros(1, dtype=torch.int32))], "must be 1-D"),
+        (torch.zeros(4), [(torch.ones(1), torch.zeros(1, dtype=torch.int16))], "int32 or int64"),
+        (torch.zeros(4), [(torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))], "floating point"),
+    ],
+)
+def test_sum_bad_arguments_raise_named_errors(out, messages, match):
+    with pytest.raises(KimadError, match=match):
+        sparse_sum(out, messages)

@@ -48,8 +48,9 @@ def pack(codes: torch.Tensor, bits: int) -> bytes:
     return bytes((c.view(-1, per) << shifts).sum(1).to(torch.uint8).tolist())
 
 
-def header(n: int, tag: int, bits: int) -> bytes:
-    return n.to_bytes(4, "little") + bytes([tag, bits, 0, 0])
+def header(n: int, tag: int, bits: int, bucket: int) -> bytes:
+    """numel, tag, bits and the bucket field (0 when one bucket spans the tensor)."""
+    return n.to_bytes(4, "little") + bytes([tag, bits]) + (0 if bucket >= n else bucket).to_bytes(2, "little")
 
 
 def reference_qsgd(v: torch.Tensor, bits: int, bucket: int, seed: int):
@@ -64,7 +65,7 @@ def reference_qsgd(v: torch.Tensor, bits: int, bucket: int, seed: int):
     magnitude = level.float() * per_element(norms / torch.tensor(float(s)), n, bucket)
     q = torch.where(negative, -magnitude, magnitude)
     codes = level | (negative.to(torch.int64) << (bits - 1))
-    payload = header(n, 0x51, bits) + norms.numpy().tobytes() + pack(codes, bits)
+    payload = header(n, 0x51, bits, bucket) + norms.numpy().tobytes() + pack(codes, bits)
     return payload, q
 
 
@@ -75,7 +76,7 @@ def reference_sign(v: torch.Tensor, bucket: int):
     negative = v < 0
     se = per_element(scales, n, bucket)
     q = torch.where(negative, -se, se)
-    payload = header(n, 0x53, 1) + scales.numpy().tobytes() + pack(negative.to(torch.int64), 1)
+    payload = header(n, 0x53, 1, bucket) + scales.numpy().tobytes() + pack(negative.to(torch.int64), 1)
     return payload, q
 
 
@@ -210,6 +211,38 @@ def test_half_precision_grads_are_converted_to_float32(dtype):
     assert bytes(qsgd_encode(grad, state, bits=4, bucket=100, seed=5).payload.tolist()) == payload
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("mode", ["ef", "ef21"])
+def test_half_precision_grads_on_the_threaded_path_equal_the_reference(device, dtype, bits, mode):
+    gen = torch.Generator().manual_seed(11)
+    n, bucket = 200_003, 512  # above the parallel grain, a partial last bucket
+    grad = torch.randn(n, generator=gen)
+    grad[::5] *= 1e-6  # float16 subnormals too
+    grad = grad.to(dtype)
+    start = 0.1 * torch.randn(n, generator=gen)
+    state = start.clone().to(device)
+    v = form_v(grad, start, mode)
+    if bits == 1:
+        payload, q = reference_sign(v, bucket)
+        msg = sign_encode(grad.to(device), state, bucket=bucket, mode=mode)
+    else:
+        payload, q = reference_qsgd(v, bits, bucket, seed=9)
+        msg = qsgd_encode(grad.to(device), state, bits=bits, bucket=bucket, seed=9, mode=mode)
+    assert bytes(msg.payload.cpu().tolist()) == payload
+    assert torch.equal(state.cpu(), updated_state(start, v, q, mode))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_error_estimate_equals_that_of_a_float32_copy(device, dtype):
+    gen = torch.Generator().manual_seed(12)
+    grad = torch.randn(150_000, generator=gen).to(dtype)
+    state = (0.1 * torch.randn(150_000, generator=gen)).to(device)
+    half = quant_error_estimate(grad.to(device), state, bucket=300, mode="ef")
+    full = quant_error_estimate(grad.to(torch.float32).to(device), state, bucket=300, mode="ef")
+    assert half == full
+
+
 def test_non_contiguous_and_multidimensional_grads_are_addressed_flat():
     grad = torch.randn(40, 30, generator=torch.Generator().manual_seed(4)).t()
     state = torch.zeros(30, 40)
@@ -318,7 +351,7 @@ def corrupt(payload: torch.Tensor, pos: int, value: int) -> torch.Tensor:
         (lambda p: corrupt(p, 0, 0xD1), "header says 2,001 elements but the tensor has 2,000"),
         (lambda p: corrupt(p, 4, 0x53), "format tag 0x53"),
         (lambda p: corrupt(p, 5, 8), "bits 8"),
-        (lambda p: corrupt(p, 7, 1), "reserved"),
+        (lambda p: corrupt(p, 7, 1), "bucket field 256 but the receiver expects bucket=512"),
         (lambda p: corrupt(p, 11, 0xFF), "NaN or Inf"),  # first norm's top byte: NaN
         (lambda p: corrupt(p, 11, 0x80), "negative"),
     ],
@@ -331,6 +364,31 @@ def test_corrupt_message_raises_and_leaves_out_unchanged(device, mutate, match):
     with pytest.raises(CorruptMessageError, match=match):
         quant_decode_accumulate(out, mutate(msg.payload), fmt="qsgd", numel=2000, bits=4, name="fc.weight")
     assert torch.equal(out.cpu(), torch.ones(2000))
+
+
+@pytest.mark.parametrize("fmt, bits", [("qsgd", 8), ("qsgd", 2), ("sign", None)])
+def test_decode_with_a_wrong_bucket_of_the_same_length_is_a_corrupt_message(fmt, bits):
+    grad, state = torch.randn(1000, generator=torch.Generator().manual_seed(9)), torch.zeros(1000)
+    # Buckets of 600 and of 900 both make 2 buckets: the message length is the same.
+    if fmt == "qsgd":
+        msg = qsgd_encode(grad, state, bits=bits, bucket=600, seed=1)
+    else:
+        msg = sign_encode(grad, state, bucket=600)
+    out = torch.ones(1000)
+    with pytest.raises(CorruptMessageError, match="bucket field 600 but the receiver expects bucket=900"):
+        quant_decode_accumulate(out, msg.payload, fmt=fmt, numel=1000, bits=bits, bucket=900, name="w")
+    assert torch.equal(out, torch.ones(1000))
+    quant_decode_accumulate(out, msg.payload, fmt=fmt, numel=1000, bits=bits, bucket=600)
+
+
+def test_bucket_beyond_the_header_field_is_refused_unless_it_spans_the_tensor():
+    with pytest.raises(KimadError, match="16-bit bucket field"):
+        qsgd_encode(torch.zeros(70_000), torch.zeros(70_000), bits=4, bucket=65_536, seed=0)
+    msg = qsgd_encode(torch.randn(1000), torch.zeros(1000), bits=4, bucket=65_536, seed=0)
+    as_sent, as_one_bucket = torch.zeros(1000), torch.zeros(1000)
+    quant_decode_accumulate(as_sent, msg.payload, fmt="qsgd", numel=1000, bits=4, bucket=65_536)
+    quant_decode_accumulate(as_one_bucket, msg.payload, fmt="qsgd", numel=1000, bits=4, bucket=1000)
+    assert torch.equal(as_sent, as_one_bucket)
 
 
 def test_decode_with_the_wrong_format_or_bits_raises():

@@ -96,6 +96,51 @@ def test_half_precision_grads_are_converted_to_float32(dtype):
     assert_encoded_like_reference(grad, state, 37, "ef21")
 
 
+def every_finite(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of a 16-bit float dtype (both zeros, subnormals, the extremes), once each."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    return patterns[torch.isfinite(patterns)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_half_precision_value_is_read_exactly(device, dtype):
+    grad = every_finite(dtype)
+    state = torch.zeros(grad.numel(), device=device)
+    msg = topk_encode(grad.to(device), state, grad.numel(), mode="ef21")  # sends v = grad - 0 = grad, in index order
+    assert torch.equal(msg.values.cpu().view(torch.int32), grad.to(torch.float32).view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["ef", "ef21"])
+def test_half_precision_grads_on_the_threaded_path_equal_a_float32_copy(device, dtype, mode):
+    gen = torch.Generator().manual_seed(7)
+    n = 300_000
+    grad = torch.randn(n, generator=gen)
+    grad[::3] *= 1e-6  # float16 subnormals too
+    grad = grad.to(dtype)
+    start = 0.1 * torch.randn(n, generator=gen)
+    state, ref_state = start.clone().to(device), start.clone()
+    vals, idx, ref_state, sq_error = reference(grad, ref_state, n // 100, mode)
+    errors, sq_norm = error_profile(grad.to(device), state, [0, n // 1000, n // 100, n], mode=mode)
+    ref_errors, ref_norm = error_profile(grad.to(torch.float32).to(device), state, [0, n // 1000, n // 100, n],
+                                         mode=mode)
+    assert errors == ref_errors and sq_norm == ref_norm
+    msg = topk_encode(grad.to(device), state, n // 100, mode=mode)
+    assert torch.equal(msg.indices.cpu(), idx) and torch.equal(msg.values.cpu(), vals)
+    assert torch.equal(state.cpu(), ref_state)
+    assert msg.sq_error == pytest.approx(sq_error, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inf_is_a_non_finite_gradient(dtype):
+    grad = torch.zeros(100_000, dtype=dtype)
+    grad[99_999] = float("inf")
+    state = torch.zeros(100_000)
+    with pytest.raises(NonFiniteGradientError, match="1 non-finite"):
+        topk_encode(grad, state, 10, name="emb")
+    assert torch.equal(state, torch.zeros(100_000))
+
+
 def test_non_contiguous_and_multidimensional_grads_are_addressed_flat():
     base = torch.randn(40, 30, generator=torch.Generator().manual_seed(4))
     grad = base.t()  # non-contiguous view: flat order is that of grad.contiguous()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from kimad.compressors.quant import (
     QSGD_TAG,
     SIGN_TAG,
+    bucket_field,
     qsgd_levels,
     qsgd_payload_bytes,
     read_header,
@@ -34,14 +35,21 @@ def test_encoders_produce_exactly_the_wire_sizes(n, bucket, bits):
 def test_qsgd_header_names_numel_format_and_bits(bits):
     payload = qsgd_encode(torch.randn(1234), torch.zeros(1234), bits=bits, seed=0).payload
     raw = bytes(payload.tolist())
-    assert raw[:8] == (1234).to_bytes(4, "little") + bytes([QSGD_TAG, bits, 0, 0])
+    assert raw[:8] == (1234).to_bytes(4, "little") + bytes([QSGD_TAG, bits]) + (512).to_bytes(2, "little")
     head = read_header(payload.tolist())
-    assert (head.numel, head.fmt, head.bits) == (1234, MessageFormat.QSGD, bits)
+    assert (head.numel, head.fmt, head.bits, head.bucket) == (1234, MessageFormat.QSGD, bits, 512)
+
+
+def test_header_bucket_field_is_zero_when_one_bucket_spans_the_tensor():
+    assert bucket_field(1000, 512) == 512
+    assert bucket_field(1000, 1000) == bucket_field(1000, 70_000) == 0
+    head = read_header(bytes(sign_encode(torch.randn(300), torch.zeros(300), bucket=300).payload.tolist()))
+    assert head.bucket == 0
 
 
 def test_sign_header_names_numel_format_and_one_bit():
     head = read_header(bytes(sign_encode(torch.randn(77), torch.zeros(77)).payload.tolist()))
-    assert (head.numel, head.fmt, head.bits) == (77, MessageFormat.SIGN, 1)
+    assert (head.numel, head.fmt, head.bits, head.bucket) == (77, MessageFormat.SIGN, 1, 0)  # 512 >= 77: one bucket
     assert bytes(sign_encode(torch.randn(77), torch.zeros(77)).payload.tolist())[4] == SIGN_TAG
 
 
@@ -55,7 +63,7 @@ def test_levels_per_bit_width():
 
 
 @pytest.mark.parametrize(
-    "raw", [b"\x01\x00\x00", b"\x01\x00\x00\x00\x51\x04\x00\x01", b"\x01\x00\x00\x00\x54\x04\x00\x00"]
+    "raw", [b"\x01\x00\x00", b"\x01\x00\x00\x00\x00\x04\x00\x01", b"\x01\x00\x00\x00\x54\x04\x00\x00"]
 )
 def test_read_header_rejects_short_or_unknown_headers(raw):
     with pytest.raises(CorruptMessageError):

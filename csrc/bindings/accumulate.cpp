@@ -1,5 +1,8 @@
 // Bindings of decode-and-accumulate (csrc/kernels/*/accumulate.*).
+#include <algorithm>
 #include <limits>
+#include <tuple>
+#include <vector>
 
 #include "bindings.h"
 #include "kimad/kernels.h"
@@ -59,6 +62,64 @@ int64_t sparse_accumulate(torch::Tensor out, const torch::Tensor& values, const 
                                 out.data_ptr<float>(), out.numel());
 }
 
+// out = scale * sum (or out += scale * sum when accumulating) of the messages (values[r], indices[r]);
+// returns (-1, -1), or (message, position) of the first out-of-range index, in which case `out` is
+// untouched.
+std::tuple<int64_t, int64_t> sparse_sum(torch::Tensor out, const std::vector<torch::Tensor>& values,
+                                        const std::vector<torch::Tensor>& indices, double scale, bool accumulate) {
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous(),
+              "sparse_sum: out must be a contiguous float32 tensor, got ", out.scalar_type());
+  TORCH_CHECK(out.numel() <= std::numeric_limits<int32_t>::max(), "sparse_sum: out has ", out.numel(),
+              " elements; int32 indices address at most 2^31-1");
+  TORCH_CHECK(values.size() == indices.size(), "sparse_sum: ", values.size(), " value tensors but ", indices.size(),
+              " index tensors");
+  const int64_t n = static_cast<int64_t>(values.size());
+  std::vector<cpu::SparseMessage> messages(values.size());
+  for (int64_t r = 0; r < n; ++r) {
+    const torch::Tensor& v = values[r];
+    const torch::Tensor& i = indices[r];
+    TORCH_CHECK(v.scalar_type() == torch::kFloat32 && i.scalar_type() == torch::kInt32, "sparse_sum: message ", r,
+                " must have float32 values and int32 indices, got ", v.scalar_type(), " and ", i.scalar_type());
+    TORCH_CHECK(v.dim() == 1 && i.dim() == 1 && v.is_contiguous() && i.is_contiguous() && v.numel() == i.numel(),
+                "sparse_sum: message ", r, " must be two contiguous 1-D tensors of one length");
+    TORCH_CHECK(v.device() == out.device() && i.device() == out.device(), "sparse_sum: message ", r,
+                " is not on out's device");
+    messages[r] = {v.data_ptr<float>(), i.data_ptr<int32_t>(), v.numel()};
+  }
+  const float s = static_cast<float>(scale);
+  if (out.is_cuda()) {
+#ifdef KIMAD_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(out.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    auto first = torch::full({std::max<int64_t>(n, 1)}, std::numeric_limits<int64_t>::max(),
+                             torch::dtype(torch::kInt64).device(out.device()));
+    for (int64_t r = 0; r < n; ++r) {
+      C10_CUDA_CHECK(cuda::find_invalid_index(messages[r].indices, messages[r].count, out.numel(),
+                                              first.data_ptr<int64_t>() + r, stream));
+    }
+    const auto first_host = first.cpu();  // synchronises: nothing is written before the check
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t bad = first_host.data_ptr<int64_t>()[r];
+      if (bad != std::numeric_limits<int64_t>::max()) return {r, bad};
+    }
+    if (!accumulate) {
+      C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr<float>(), 0, out.numel() * sizeof(float), stream));
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      C10_CUDA_CHECK(cuda::scatter_add(messages[r].values, messages[r].indices, messages[r].count, s,
+                                       out.data_ptr<float>(), stream));
+    }
+    return {-1, -1};
+#else
+    TORCH_CHECK(false, "sparse_sum: kimad._C was built without CUDA; rebuild with a CUDA torch");
+#endif
+  }
+  TORCH_CHECK(out.is_cpu(), "sparse_sum: unsupported device ", out.device());
+  const cpu::InvalidIndex bad =
+      cpu::sparse_sum(messages.data(), n, s, accumulate, out.data_ptr<float>(), out.numel());
+  return {bad.message, bad.position};
+}
+
 }  // namespace
 
 void bind_accumulate(pybind11::module_& m) {
@@ -66,6 +127,11 @@ void bind_accumulate(pybind11::module_& m) {
         pybind11::arg("indices"), pybind11::arg("scale"),
         "out[indices[i]] += scale * values[i] (float32 out/values, int32 indices, contiguous). Returns -1, "
         "or the position of the first out-of-range index, in which case out is untouched.",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("sparse_sum", &sparse_sum, pybind11::arg("out"), pybind11::arg("values"), pybind11::arg("indices"),
+        pybind11::arg("scale"), pybind11::arg("accumulate"),
+        "out = scale * sum of the messages (values[r], indices[r]) (or out += ... when accumulate). Returns "
+        "(-1, -1), or (message, position) of the first out-of-range index, in which case out is untouched.",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 

@@ -37,21 +37,23 @@ std::tuple<int64_t, double, double> encode(const char* op, const torch::Tensor& 
   TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, op, ": bits must be 8, 4 or 2, got ", bits);
   const int64_t n = grad.numel();
   check_payload(op, payload, grad, quant_message_bytes(n, bits, bucket));
+  TORCH_CHECK(quant_bucket_fits(n, bucket), op, ": bucket=", bucket, " does not fit the header's 16-bit field (at most ",
+              0xFFFF, " unless >= numel=", n, ")");
   const Feedback fb = feedback_mode(op, mode);
   QuantStats st{};
   if (grad.is_cuda()) {
 #ifdef KIMAD_WITH_CUDA
     const c10::cuda::CUDAGuard guard(grad.device());
-    C10_CUDA_CHECK(cuda::quant_encode(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, bits, bucket, seed,
+    C10_CUDA_CHECK(cuda::quant_encode(grad_of(grad), state.data_ptr<float>(), n, fb, bits, bucket, seed,
                                       payload.data_ptr<uint8_t>(), &st, at::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, op, ": kimad._C was built without CUDA; rebuild with a CUDA torch");
 #endif
   } else {
     TORCH_CHECK(grad.is_cpu(), op, ": unsupported device ", grad.device());
-    st = bits == 1 ? cpu::sign_encode(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, bucket,
+    st = bits == 1 ? cpu::sign_encode(grad_of(grad), state.data_ptr<float>(), n, fb, bucket,
                                       payload.data_ptr<uint8_t>())
-                   : cpu::qsgd_encode(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, bits, bucket, seed,
+                   : cpu::qsgd_encode(grad_of(grad), state.data_ptr<float>(), n, fb, bits, bucket, seed,
                                       payload.data_ptr<uint8_t>());
   }
   return {st.non_finite, st.sq_norm, st.sq_error};
@@ -108,14 +110,14 @@ std::tuple<int64_t, double, std::array<double, 4>> quant_error_estimate(const to
   if (grad.is_cuda()) {
 #ifdef KIMAD_WITH_CUDA
     const c10::cuda::CUDAGuard guard(grad.device());
-    C10_CUDA_CHECK(cuda::quant_error_estimate(grad.data_ptr<float>(), state.data_ptr<float>(), grad.numel(), fb,
+    C10_CUDA_CHECK(cuda::quant_error_estimate(grad_of(grad), state.data_ptr<float>(), grad.numel(), fb,
                                               bucket, errors.data(), &st, at::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "quant_error_estimate: kimad._C was built without CUDA; rebuild with a CUDA torch");
 #endif
   } else {
     TORCH_CHECK(grad.is_cpu(), "quant_error_estimate: unsupported device ", grad.device());
-    st = cpu::quant_error_estimate(grad.data_ptr<float>(), state.data_ptr<float>(), grad.numel(), fb, bucket,
+    st = cpu::quant_error_estimate(grad_of(grad), state.data_ptr<float>(), grad.numel(), fb, bucket,
                                    errors.data());
   }
   return {st.non_finite, st.sq_norm, errors};

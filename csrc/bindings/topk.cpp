@@ -36,7 +36,7 @@ std::tuple<int64_t, double, double> topk_encode(const torch::Tensor& grad, torch
   if (grad.is_cuda()) {
 #ifdef KIMAD_WITH_CUDA
     const c10::cuda::CUDAGuard guard(grad.device());
-    C10_CUDA_CHECK(cuda::topk_encode(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, k,
+    C10_CUDA_CHECK(cuda::topk_encode(grad_of(grad), state.data_ptr<float>(), n, fb, k,
                                      values.data_ptr<float>(), indices.data_ptr<int32_t>(), &st,
                                      at::cuda::getCurrentCUDAStream()));
 #else
@@ -44,7 +44,7 @@ std::tuple<int64_t, double, double> topk_encode(const torch::Tensor& grad, torch
 #endif
   } else {
     TORCH_CHECK(grad.is_cpu(), "topk_encode: unsupported device ", grad.device());
-    st = cpu::topk_encode(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, k, values.data_ptr<float>(),
+    st = cpu::topk_encode(grad_of(grad), state.data_ptr<float>(), n, fb, k, values.data_ptr<float>(),
                           indices.data_ptr<int32_t>());
   }
   return {st.non_finite, st.sq_norm, st.sq_error};
@@ -64,7 +64,7 @@ std::tuple<int64_t, double, std::vector<double>> error_profile(const torch::Tens
     const c10::cuda::CUDAGuard guard(grad.device());
     std::vector<uint32_t> counts(kTopKBins);
     std::vector<double> sums(kTopKBins);
-    C10_CUDA_CHECK(cuda::key_histogram(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, counts.data(),
+    C10_CUDA_CHECK(cuda::key_histogram(grad_of(grad), state.data_ptr<float>(), n, fb, counts.data(),
                                        sums.data(), &st, at::cuda::getCurrentCUDAStream()));
     if (st.non_finite == 0) {
       cpu::profile_from_histogram(counts.data(), sums.data(), ks.data(), static_cast<int64_t>(ks.size()),
@@ -75,7 +75,7 @@ std::tuple<int64_t, double, std::vector<double>> error_profile(const torch::Tens
 #endif
   } else {
     TORCH_CHECK(grad.is_cpu(), "error_profile: unsupported device ", grad.device());
-    st = cpu::error_profile(grad.data_ptr<float>(), state.data_ptr<float>(), n, fb, ks.data(),
+    st = cpu::error_profile(grad_of(grad), state.data_ptr<float>(), n, fb, ks.data(),
                             static_cast<int64_t>(ks.size()), errors.data());
   }
   return {st.non_finite, st.sq_norm, errors};

@@ -49,6 +49,9 @@ Message reference(const std::vector<float>& g, std::vector<float> s, Feedback mo
   std::memcpy(m.payload.data(), &numel, 4);
   m.payload[4] = bits == 1 ? 0x53 : 0x51;
   m.payload[5] = static_cast<uint8_t>(bits);
+  const int64_t field = bucket >= n ? 0 : bucket;  // the bucket field: 0 for one bucket over all
+  m.payload[6] = static_cast<uint8_t>(field & 0xFF);
+  m.payload[7] = static_cast<uint8_t>(field >> 8);
   uint8_t* codes = m.payload.data() + 8 + 4 * buckets;
   const kimad::DrawKey key = kimad::draw_key(seed);
   for (int64_t b = 0; b < buckets; ++b) {
@@ -192,7 +195,8 @@ TEST(Quant, CorruptMessagesAreRefusedAndOutIsUntouched) {
     QuantDecodeStatus want;
   };
   for (const Bad& bad : {Bad{0, 0xE9, QuantDecodeStatus::kBadNumel}, Bad{4, 0x53, QuantDecodeStatus::kBadFormat},
-                         Bad{5, 8, QuantDecodeStatus::kBadFormat}, Bad{6, 1, QuantDecodeStatus::kBadFormat},
+                         Bad{5, 8, QuantDecodeStatus::kBadFormat}, Bad{6, 101, QuantDecodeStatus::kBadBucket},
+                         Bad{7, 1, QuantDecodeStatus::kBadBucket},
                          Bad{11, 0xFF, QuantDecodeStatus::kBadScale}, Bad{15, 0x80, QuantDecodeStatus::kBadScale}}) {
     std::vector<uint8_t> p = m.payload;
     p[bad.pos] = bad.value;
@@ -207,6 +211,25 @@ TEST(Quant, CorruptMessagesAreRefusedAndOutIsUntouched) {
   EXPECT_EQ(kimad::cpu::quant_decode_accumulate(m.payload.data(), m.payload.size(), 2, 1000, 100, 1.0f, out.data()),
             QuantDecodeStatus::kBadLength);
   EXPECT_EQ(out, std::vector<float>(1000, 1.0f));
+}
+
+TEST(Quant, HeaderRecordsTheBucketAndADecoderExpectingAnotherRefusesIt) {
+  const auto g = random_vector(1000, 17);
+  // 600 and 900 both make 2 buckets, so the length alone cannot tell them apart.
+  const Message m = encode(g, std::vector<float>(1000, 0.0f), Feedback::kEF21, 8, 600, 3);
+  EXPECT_EQ(m.payload[6] | (m.payload[7] << 8), 600);
+  std::vector<float> out(1000, 1.0f);
+  EXPECT_EQ(kimad::cpu::quant_decode_accumulate(m.payload.data(), m.payload.size(), 8, 1000, 900, 1.0f, out.data()),
+            QuantDecodeStatus::kBadBucket);
+  EXPECT_EQ(out, std::vector<float>(1000, 1.0f));
+  EXPECT_EQ(kimad::cpu::quant_decode_accumulate(m.payload.data(), m.payload.size(), 8, 1000, 600, 1.0f, out.data()),
+            QuantDecodeStatus::kOk);
+  // Any bucket >= numel is one bucket: field 0, and every such receiver accepts the message.
+  const Message whole = encode(g, std::vector<float>(1000, 0.0f), Feedback::kEF21, 8, 70000, 3);
+  EXPECT_EQ(whole.payload[6] | whole.payload[7], 0);
+  EXPECT_EQ(kimad::cpu::quant_decode_accumulate(whole.payload.data(), whole.payload.size(), 8, 1000, 1000, 1.0f,
+                                                out.data()),
+            QuantDecodeStatus::kOk);
 }
 
 TEST(Quant, ErrorEstimateMatchesSignErrorAndEmpiricalQsgdError) {

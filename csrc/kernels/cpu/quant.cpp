@@ -87,13 +87,14 @@ int64_t form_block(const float* g, const float* s, int64_t len, float sign, floa
 
 // Sums over one bucket of v = g + sign * s: squares and absolute values (lanes restart at the
 // bucket's first element); returns the number of non-finite entries.
-int64_t bucket_sums(const float* g, const float* s, int64_t len, float sign, double* sq, double* l1) {
+int64_t bucket_sums(Grad g, const float* s, int64_t len, float sign, double* sq, double* l1) {
   alignas(64) float v[kBlock];
+  alignas(64) float converted[kBlock];
   double lq[8] = {0, 0, 0, 0, 0, 0, 0, 0}, la[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t bad = 0;
   for (int64_t b = 0; b < len; b += kBlock) {  // kBlock is a multiple of 8: lanes stay i % 8
     const int64_t m = std::min(kBlock, len - b);
-    bad += form_block(g + b, s + b, m, sign, v);
+    bad += form_block(g.block(b, m, converted), s + b, m, sign, v);
     lane_sums(v, m, lq, la);
   }
   *sq = fold(lq);
@@ -103,7 +104,7 @@ int64_t bucket_sums(const float* g, const float* s, int64_t len, float sign, dou
 
 // Pass 1: the per-bucket statistic (L2 norm, or mean |v| when `mean_abs`) into stat[buckets].
 // Returns the number of non-finite entries (plus buckets whose float32 norm overflows).
-int64_t bucket_statistics(const float* g, const float* s, int64_t n, float sign, int64_t bucket, bool mean_abs,
+int64_t bucket_statistics(Grad g, const float* s, int64_t n, float sign, int64_t bucket, bool mean_abs,
                           float* stat, double* sq_norm) {
   const int64_t buckets = (n + bucket - 1) / bucket;
   int64_t bad = 0;
@@ -123,13 +124,13 @@ int64_t bucket_statistics(const float* g, const float* s, int64_t n, float sign,
   return bad;
 }
 
-void write_header(uint8_t* payload, int64_t n, uint8_t tag, int bits) {
+void write_header(uint8_t* payload, int64_t n, uint8_t tag, int bits, int64_t bucket) {
   const uint32_t numel = static_cast<uint32_t>(n);
+  const uint16_t field = quant_bucket_field(n, bucket);
   std::memcpy(payload, &numel, 4);  // little-endian hosts (x86-64, aarch64)
   payload[4] = tag;
   payload[5] = static_cast<uint8_t>(bits);
-  payload[6] = 0;
-  payload[7] = 0;
+  std::memcpy(payload + 6, &field, 2);
 }
 
 // Packs codes[0, full * P) of `bits` each (P = 8 / bits per byte) into `full` bytes, LSB first.
@@ -203,7 +204,7 @@ KIMAD_SIMD_CLONES void sign_run(const float* __restrict__ g, float* __restrict__
 }
 
 // Pass 2 of either encoder (bits == 1: sign). stat holds the bucket norms / scales.
-double encode_pass(const float* g, float* s, int64_t n, Feedback mode, int bits, int64_t bucket, uint64_t seed,
+double encode_pass(Grad g, float* s, int64_t n, Feedback mode, int bits, int64_t bucket, uint64_t seed,
                    const float* stat, uint8_t* codes_out) {
   const bool ef = mode == Feedback::kEF;
   const uint32_t levels = bits > 1 ? (1u << (bits - 1)) - 1u : 1u;
@@ -214,18 +215,20 @@ double encode_pass(const float* g, float* s, int64_t n, Feedback mode, int bits,
   for (int64_t c = 0; c < chunks; ++c) {
     alignas(64) uint8_t code[kChunk];
     alignas(64) float r[kChunk];
+    alignas(64) float converted[kChunk];
     const int64_t c0 = c * kChunk, c1 = std::min(n, c0 + kChunk);
+    const float* gc = g.block(c0, c1 - c0, converted);  // element i at gc[i - c0]
     for (int64_t i = c0; i < c1;) {
       const int64_t b = i / bucket, end = std::min(c1, (b + 1) * bucket);
       uint8_t* cd = code + (i - c0);
       float* rr = r + (i - c0);
       if (bits == 1) {
-        if (ef) sign_run<true>(g + i, s + i, end - i, stat[b], cd, rr);
-        else sign_run<false>(g + i, s + i, end - i, stat[b], cd, rr);
+        if (ef) sign_run<true>(gc + (i - c0), s + i, end - i, stat[b], cd, rr);
+        else sign_run<false>(gc + (i - c0), s + i, end - i, stat[b], cd, rr);
       } else {
         const float step = stat[b] / static_cast<float>(levels), inv = qsgd_inverse_step(stat[b], levels);
-        if (ef) qsgd_run<true>(g + i, s + i, i, end - i, inv, step, levels, bits, key, cd, rr);
-        else qsgd_run<false>(g + i, s + i, i, end - i, inv, step, levels, bits, key, cd, rr);
+        if (ef) qsgd_run<true>(gc + (i - c0), s + i, i, end - i, inv, step, levels, bits, key, cd, rr);
+        else qsgd_run<false>(gc + (i - c0), s + i, i, end - i, inv, step, levels, bits, key, cd, rr);
       }
       i = end;
     }
@@ -237,7 +240,7 @@ double encode_pass(const float* g, float* s, int64_t n, Feedback mode, int bits,
   return sq_error;
 }
 
-QuantStats encode(const float* grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket, uint64_t seed,
+QuantStats encode(Grad grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket, uint64_t seed,
                   uint8_t* payload) {
   QuantStats stats{0, 0.0, 0.0};
   const int64_t buckets = n > 0 ? (n + bucket - 1) / bucket : 0;
@@ -247,7 +250,7 @@ QuantStats encode(const float* grad, float* state, int64_t n, Feedback mode, int
     stats.non_finite = bucket_statistics(grad, state, n, sign, bucket, bits == 1, stat.data(), &stats.sq_norm);
     if (stats.non_finite > 0) return stats;
   }
-  write_header(payload, n, bits == 1 ? kSignTag : kQsgdTag, bits);
+  write_header(payload, n, bits == 1 ? kSignTag : kQsgdTag, bits, bucket);
   if (n == 0) return stats;
   std::memcpy(payload + kQuantHeaderBytes, stat.data(), static_cast<size_t>(buckets) * sizeof(float));
   stats.sq_error = encode_pass(grad, state, n, mode, bits, bucket, seed, stat.data(),
@@ -286,12 +289,12 @@ void decode_run(int bits, const uint8_t* codes, int64_t first, int64_t len, floa
 
 }  // namespace
 
-QuantStats qsgd_encode(const float* grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
+QuantStats qsgd_encode(Grad grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
                        uint64_t seed, uint8_t* payload) {
   return encode(grad, state, n, mode, bits, bucket, seed, payload);
 }
 
-QuantStats sign_encode(const float* grad, float* state, int64_t n, Feedback mode, int64_t bucket, uint8_t* payload) {
+QuantStats sign_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t bucket, uint8_t* payload) {
   return encode(grad, state, n, mode, 1, bucket, 0, payload);
 }
 
@@ -301,8 +304,10 @@ QuantDecodeStatus quant_decode_accumulate(const uint8_t* payload, int64_t bytes,
   uint32_t header_numel;
   std::memcpy(&header_numel, payload, 4);
   if (static_cast<int64_t>(header_numel) != numel) return QuantDecodeStatus::kBadNumel;
-  if (payload[4] != (bits == 1 ? kSignTag : kQsgdTag) || payload[5] != bits || payload[6] != 0 || payload[7] != 0)
-    return QuantDecodeStatus::kBadFormat;
+  if (payload[4] != (bits == 1 ? kSignTag : kQsgdTag) || payload[5] != bits) return QuantDecodeStatus::kBadFormat;
+  uint16_t field;
+  std::memcpy(&field, payload + 6, 2);
+  if (field != quant_bucket_field(numel, bucket)) return QuantDecodeStatus::kBadBucket;
   const int64_t buckets = (numel + bucket - 1) / bucket;
   std::vector<float> stat(static_cast<size_t>(buckets));
   std::memcpy(stat.data(), payload + kQuantHeaderBytes, static_cast<size_t>(buckets) * sizeof(float));
@@ -325,7 +330,7 @@ QuantDecodeStatus quant_decode_accumulate(const uint8_t* payload, int64_t bytes,
   return QuantDecodeStatus::kOk;
 }
 
-QuantStats quant_error_estimate(const float* grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
+QuantStats quant_error_estimate(Grad grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
                                 double errors[4]) {
   QuantStats stats{0, 0.0, 0.0};
   const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;
@@ -336,10 +341,9 @@ QuantStats quant_error_estimate(const float* grad, const float* state, int64_t n
 #pragma omp parallel for schedule(static) reduction(+ : bad, sq_total, e8, e4, e2, es) if (n >= kParallelGrain)
   for (int64_t b = 0; b < buckets; ++b) {
     const int64_t begin = b * bucket, len = std::min(bucket, n - begin);
-    const float* g = grad + begin;
     const float* s = state + begin;
     double sq = 0.0, l1 = 0.0;
-    const int64_t bucket_bad = bucket_sums(g, s, len, sign, &sq, &l1);
+    const int64_t bucket_bad = bucket_sums(grad + begin, s, len, sign, &sq, &l1);
     const float norm = static_cast<float>(std::sqrt(sq));
     bad += bucket_bad + (bucket_bad == 0 && std::isinf(norm) ? 1 : 0);
     sq_total += sq;
@@ -353,6 +357,8 @@ QuantStats quant_error_estimate(const float* grad, const float* state, int64_t n
       step_sq[r] = step * step;
     }
     double sign_err = 0.0;
+    std::vector<float> converted(grad.type == GradType::kFloat32 ? 0 : static_cast<size_t>(len));
+    const float* g = grad.block(begin, len, converted.data());
     for (int64_t i = 0; i < len; ++i) {
       const float x = g[i] + sign * s[i];
       const float ax = x < 0.0f ? -x : x;

@@ -116,17 +116,19 @@ constexpr uint32_t kFirstNonFiniteBin = 0x7F800000u >> 16;
 
 // Pass 1 over one segment: count histogram (and, when sum_squares is given, per-bin sums of
 // squares). Non-finite entries land in bins >= kFirstNonFiniteBin, so they need no own count.
-void histogram_segment(const float* g, const float* s, int64_t begin, int64_t end, float sign,
+void histogram_segment(Grad g, const float* s, int64_t begin, int64_t end, float sign,
                        uint32_t* counts, double* sum_squares) {
   alignas(64) uint16_t bin[kBlock];
   alignas(64) float v[kBlock];
+  alignas(64) float converted[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
+    const float* gb = g.block(b, len, converted);
     if (sum_squares == nullptr) {
-      bin_block(g + b, s + b, len, sign, bin);
+      bin_block(gb, s + b, len, sign, bin);
       for (int64_t i = 0; i < len; ++i) ++counts[bin[i]];
     } else {
-      bin_value_block(g + b, s + b, len, sign, bin, v);
+      bin_value_block(gb, s + b, len, sign, bin, v);
       for (int64_t i = 0; i < len; ++i) {
         const double x = v[i];
         ++counts[bin[i]];
@@ -139,7 +141,7 @@ void histogram_segment(const float* g, const float* s, int64_t begin, int64_t en
 // Pass 1 over all segments; merged counts (and sums of squares) into counts[kTopKBins].
 // Per-segment counts are kept in seg_counts (segments x kTopKBins) for the output offsets.
 // Returns the number of non-finite entries.
-int64_t histogram(const float* g, const float* s, const Segments& seg, float sign,
+int64_t histogram(Grad g, const float* s, const Segments& seg, float sign,
                   std::vector<uint32_t>& seg_counts, std::vector<uint32_t>& counts,
                   std::vector<double>* sum_squares) {
   seg_counts.assign(static_cast<size_t>(seg.count) * kTopKBins, 0);
@@ -166,18 +168,19 @@ int64_t histogram(const float* g, const float* s, const Segments& seg, float sig
 
 // Pass 2 over one segment: EF stores v; every entry of a bin >= top_bin is appended to
 // (idx, val) in index order; returns the sum of squares of the entries below top_bin.
-double gather_segment(const float* g, float* s, int64_t begin, int64_t end, float sign, bool store_v,
+double gather_segment(Grad g, float* s, int64_t begin, int64_t end, float sign, bool store_v,
                       uint32_t top_bin, int32_t* idx, float* val) {
   alignas(64) float v[kBlock];
   alignas(64) uint32_t key[kBlock];
   alignas(64) uint32_t hit[kBlock / kChunk];
+  alignas(64) float converted[kBlock];
   // top_bin == kNoBin selects nothing; its key (1 << 32) does not fit, and no key reaches 2^31.
   const uint32_t top_key = top_bin >= kNoBin ? 0xFFFFFFFFu : top_bin << 16;
   double below = 0.0;
   int64_t p = 0;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
-    select_block(g + b, s + b, len, sign, top_key, v, key, hit, &below);
+    select_block(g.block(b, len, converted), s + b, len, sign, top_key, v, key, hit, &below);
     if (store_v) std::memcpy(s + b, v, static_cast<size_t>(len) * sizeof(float));
     for (int64_t c = 0; c < len; c += kChunk) {
       if (!hit[c / kChunk]) continue;  // most chunks hold no pick: skip them whole
@@ -202,7 +205,7 @@ double gather_segment(const float* g, float* s, int64_t begin, int64_t end, floa
 
 }  // namespace
 
-TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode, int64_t k,
+TopKStats topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t k,
                       float* values, int32_t* indices) {
   TopKStats stats{0, 0.0, 0.0};
   if (n <= 0) return stats;
@@ -349,7 +352,7 @@ void profile_from_histogram(const uint32_t* counts, const double* sum_squares, c
   }
 }
 
-TopKStats error_profile(const float* grad, const float* state, int64_t n, Feedback mode,
+TopKStats error_profile(Grad grad, const float* state, int64_t n, Feedback mode,
                         const int64_t* ks, int64_t R, double* errors) {
   TopKStats stats{0, 0.0, 0.0};
   const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;

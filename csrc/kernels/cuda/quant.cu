@@ -39,7 +39,7 @@ __device__ __forceinline__ float load_f32(const uint8_t* p) {
 }
 
 // Pass 1: one warp per bucket.
-__global__ void bucket_stats_kernel(const float* __restrict__ g, const float* __restrict__ s, int64_t n, float sign,
+__global__ void bucket_stats_kernel(Grad g, const float* __restrict__ s, int64_t n, float sign,
                                     int64_t bucket, int64_t buckets, bool mean_abs, float* __restrict__ stat,
                                     Counters* __restrict__ counters) {
   const int lane = threadIdx.x & 31;
@@ -77,7 +77,7 @@ __global__ void bucket_stats_kernel(const float* __restrict__ g, const float* __
 }
 
 // Pass 2: one thread per code byte, covering elements [j * 8 / bits, (j + 1) * 8 / bits).
-__global__ void encode_kernel(const float* __restrict__ g, float* __restrict__ s, int64_t n, float sign, bool ef,
+__global__ void encode_kernel(Grad g, float* __restrict__ s, int64_t n, float sign, bool ef,
                               int bits, int64_t bucket, DrawKey key, const float* __restrict__ stat,
                               uint8_t* __restrict__ codes, int64_t code_bytes, Counters* __restrict__ counters) {
   using Reduce = cub::BlockReduce<double, kThreads>;
@@ -153,7 +153,7 @@ __device__ __forceinline__ double warp_sum(double x) {
 
 // One warp per bucket: its sums, then a second pass over the (cached) bucket for the errors.
 // errors[0..3]: QSGD 8, 4, 2 bits and sign.
-__global__ void error_estimate_kernel(const float* __restrict__ g, const float* __restrict__ s, int64_t n, float sign,
+__global__ void error_estimate_kernel(Grad g, const float* __restrict__ s, int64_t n, float sign,
                                       int64_t bucket, int64_t buckets, double* __restrict__ errors,
                                       Counters* __restrict__ counters) {
   const uint32_t kLevels[3] = {127u, 7u, 1u};
@@ -217,7 +217,7 @@ __global__ void error_estimate_kernel(const float* __restrict__ g, const float* 
 
 }  // namespace
 
-cudaError_t quant_error_estimate(const float* grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
+cudaError_t quant_error_estimate(Grad grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
                                  double* errors, QuantStats* stats, cudaStream_t stream) {
   *stats = QuantStats{0, 0.0, 0.0};
   if (n <= 0) {
@@ -247,7 +247,7 @@ cudaError_t quant_error_estimate(const float* grad, const float* state, int64_t 
   return cudaSuccess;
 }
 
-cudaError_t quant_encode(const float* grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
+cudaError_t quant_encode(Grad grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
                          uint64_t seed, uint8_t* payload, QuantStats* stats, cudaStream_t stream) {
   *stats = QuantStats{0, 0.0, 0.0};
   const int64_t buckets = n > 0 ? (n + bucket - 1) / bucket : 0;
@@ -274,7 +274,8 @@ cudaError_t quant_encode(const float* grad, float* state, int64_t n, Feedback mo
   std::memcpy(header, &numel, 4);
   header[4] = bits == 1 ? kSignTag : kQsgdTag;
   header[5] = static_cast<uint8_t>(bits);
-  header[6] = header[7] = 0;
+  const uint16_t field = quant_bucket_field(n, bucket);
+  std::memcpy(header + 6, &field, 2);
   KIMAD_TRY(cudaMemcpyAsync(payload, header, sizeof header, cudaMemcpyHostToDevice, stream));
   if (n > 0) {
     KIMAD_TRY(cudaMemcpyAsync(payload + kQuantHeaderBytes, stat_buf.ptr, static_cast<size_t>(buckets) * sizeof(float),
@@ -306,8 +307,14 @@ cudaError_t quant_decode_accumulate(const uint8_t* payload, int64_t bytes, int b
     *status = QuantDecodeStatus::kBadNumel;
     return cudaSuccess;
   }
-  if (header[4] != (bits == 1 ? kSignTag : kQsgdTag) || header[5] != bits || header[6] != 0 || header[7] != 0) {
+  if (header[4] != (bits == 1 ? kSignTag : kQsgdTag) || header[5] != bits) {
     *status = QuantDecodeStatus::kBadFormat;
+    return cudaSuccess;
+  }
+  uint16_t field;
+  std::memcpy(&field, header + 6, 2);
+  if (field != quant_bucket_field(numel, bucket)) {
+    *status = QuantDecodeStatus::kBadBucket;
     return cudaSuccess;
   }
   *status = QuantDecodeStatus::kOk;

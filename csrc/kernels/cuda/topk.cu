@@ -26,7 +26,7 @@ using launch::kThreads;
 
 __device__ __forceinline__ uint32_t abs_key(float x) { return __float_as_uint(x) & 0x7FFFFFFFu; }
 
-__global__ void histogram_kernel(const float* __restrict__ g, const float* __restrict__ s, int64_t n, float sign,
+__global__ void histogram_kernel(Grad g, const float* __restrict__ s, int64_t n, float sign,
                                  unsigned int* __restrict__ counts, double* __restrict__ sums,
                                  unsigned long long* __restrict__ non_finite, double* __restrict__ sq_norm) {
   using Reduce = cub::BlockReduce<double, kThreads>;
@@ -58,7 +58,7 @@ __global__ void histogram_kernel(const float* __restrict__ g, const float* __res
   }
 }
 
-__global__ void compact_kernel(const float* __restrict__ g, const float* __restrict__ s, int64_t n, float sign,
+__global__ void compact_kernel(Grad g, const float* __restrict__ s, int64_t n, float sign,
                                uint32_t top_bin, int32_t* __restrict__ sure, unsigned int* __restrict__ sure_count,
                                unsigned long long* __restrict__ candidates, unsigned int* __restrict__ cand_count) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -76,7 +76,7 @@ __global__ void compact_kernel(const float* __restrict__ g, const float* __restr
 }
 
 // Appends the first `need` sorted candidates to the sent set; adds the squares of the rest.
-__global__ void resolve_kernel(const float* __restrict__ g, const float* __restrict__ s, float sign,
+__global__ void resolve_kernel(Grad g, const float* __restrict__ s, float sign,
                                const unsigned long long* __restrict__ sorted, int64_t count, int64_t need,
                                int32_t* __restrict__ sent, double* __restrict__ unsent_sq) {
   using Reduce = cub::BlockReduce<double, kThreads>;
@@ -96,7 +96,7 @@ __global__ void resolve_kernel(const float* __restrict__ g, const float* __restr
   if (threadIdx.x == 0) atomicAdd(unsent_sq, block_sq);
 }
 
-__global__ void ef_residual_kernel(const float* __restrict__ g, float* __restrict__ e, int64_t n) {
+__global__ void ef_residual_kernel(Grad g, float* __restrict__ e, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     e[i] = g[i] + e[i];
@@ -104,7 +104,7 @@ __global__ void ef_residual_kernel(const float* __restrict__ g, float* __restric
 }
 
 // EF: state already holds v; EF21: v = g - h. Indices are distinct, so there are no races.
-__global__ void emit_kernel(const float* __restrict__ g, float* __restrict__ s, bool ef,
+__global__ void emit_kernel(Grad g, float* __restrict__ s, bool ef,
                             const int32_t* __restrict__ indices, int64_t k, float* __restrict__ values) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < k;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -124,7 +124,7 @@ float sign_of(Feedback mode) { return mode == Feedback::kEF ? 1.0f : -1.0f; }
 
 }  // namespace
 
-cudaError_t key_histogram(const float* grad, const float* state, int64_t n, Feedback mode,
+cudaError_t key_histogram(Grad grad, const float* state, int64_t n, Feedback mode,
                           uint32_t* counts_host, double* sum_squares_host, TopKStats* stats,
                           cudaStream_t stream) {
   *stats = TopKStats{0, 0.0, 0.0};
@@ -151,7 +151,7 @@ cudaError_t key_histogram(const float* grad, const float* state, int64_t n, Feed
   return cudaSuccess;
 }
 
-cudaError_t topk_encode(const float* grad, float* state, int64_t n, Feedback mode, int64_t k,
+cudaError_t topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t k,
                         float* values, int32_t* indices, TopKStats* stats, cudaStream_t stream) {
   *stats = TopKStats{0, 0.0, 0.0};
   if (n <= 0) return cudaSuccess;

@@ -30,6 +30,31 @@ void scatter_add(const float* values, const int32_t* indices, int64_t count, flo
 int64_t sparse_accumulate(const float* values, const int32_t* indices, int64_t count,
                           float scale, float* out, int64_t numel);
 
+// One rank's sparse message: `count` values and their flat int32 indices.
+struct SparseMessage {
+  const float* values;
+  const int32_t* indices;
+  int64_t count;
+};
+
+// Where the first out-of-range index of a batch of messages sits: message -1 when all are valid.
+struct InvalidIndex {
+  int64_t message;
+  int64_t position;
+};
+
+// Decode-and-accumulate of n ranks' messages in one call: out = scale * (sum of the messages)
+// (accumulate == false: every element of out is overwritten, untouched ones become 0) or
+// out += scale * (sum of the messages) (accumulate == true). Every index is checked before
+// anything is written: on an out-of-range index `out` is untouched and its (message, position)
+// is returned. For every element the additions happen in message order and, within a message,
+// in entry order, so the result is bitwise that of zeroing `out` (unless accumulating) and
+// calling scatter_add once per message, for any number of threads. Messages whose indices are
+// non-decreasing (as top-k encoders emit them) are merged block by block in one pass over `out`;
+// any other message makes the whole batch take the slower per-message scatter.
+InvalidIndex sparse_sum(const SparseMessage* messages, int64_t n, float scale, bool accumulate,
+                        float* out, int64_t numel);
+
 // Number of threads the OpenMP kernels use (1 when built without OpenMP).
 int num_threads();
 

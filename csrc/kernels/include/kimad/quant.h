@@ -6,7 +6,9 @@
 //
 //   bytes [0, 8)     header: uint32 numel (little-endian), uint8 format tag ('Q' = 0x51 for
 //                    QSGD, 'S' = 0x53 for sign), uint8 bits (8, 4 or 2 for QSGD; 1 for sign),
-//                    2 zero bytes;
+//                    uint16 bucket field (little-endian; quant_bucket_field: the bucket size,
+//                    or 0 when one bucket spans the tensor), so that a receiver expecting
+//                    another bucket size refuses the message;
 //   then             one float32 (little-endian) per bucket: the bucket's L2 norm (QSGD) or its
 //                    mean |v| (sign);
 //   then             ceil(numel * bits / 8) bytes of codes, `bits` per element, packed densely
@@ -56,9 +58,18 @@ enum class QuantDecodeStatus : int {
   kOk = 0,
   kBadLength = 1,     // payload size differs from quant_message_bytes for the expected layout
   kBadNumel = 2,      // header numel differs from the expected numel
-  kBadFormat = 3,     // header tag or bits differ from the expected format, or reserved bytes != 0
+  kBadFormat = 3,     // header tag or bits differ from the expected format
   kBadScale = 4,      // a bucket norm / scale is negative, NaN or Inf
+  kBadBucket = 5,     // header bucket field differs from the expected bucket size
 };
+
+// The header's bucket field for n elements in buckets of `bucket`: the bucket size, or 0 when
+// bucket >= n (one bucket spans the tensor, whatever its nominal size). Encoders require
+// quant_bucket_fits(n, bucket).
+KIMAD_HD uint16_t quant_bucket_field(int64_t n, int64_t bucket) {
+  return bucket >= n ? 0 : static_cast<uint16_t>(bucket);
+}
+KIMAD_HD bool quant_bucket_fits(int64_t n, int64_t bucket) { return bucket >= n || bucket <= 0xFFFF; }
 
 // Exact message size in bytes (kimad/compressors/wire.py message_bytes): bits = 1 means sign.
 KIMAD_HD int64_t quant_message_bytes(int64_t n, int bits, int64_t bucket) {
@@ -127,15 +138,15 @@ KIMAD_HD float qsgd_inverse_step(float norm, uint32_t s) {
 
 namespace cpu {
 
-// QSGD encode with error feedback, in place on `state`. bits in {8, 4, 2}, bucket >= 1, payload
-// holds quant_message_bytes(n, bits, bucket) bytes. Multi-threaded (OpenMP); the payload and
+// QSGD encode with error feedback, in place on `state`. bits in {8, 4, 2}, bucket >= 1 with
+// quant_bucket_fits(n, bucket), payload holds quant_message_bytes(n, bits, bucket) bytes. Multi-threaded (OpenMP); the payload and
 // state are bitwise identical for any number of threads. If v has a non-finite entry, returns
 // stats.non_finite > 0 and writes nothing (state and payload untouched).
-QuantStats qsgd_encode(const float* grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
+QuantStats qsgd_encode(Grad grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
                        uint64_t seed, uint8_t* payload);
 
 // Scaled sign encode with error feedback (EF-SignSGD), same contract with bits = 1.
-QuantStats sign_encode(const float* grad, float* state, int64_t n, Feedback mode, int64_t bucket,
+QuantStats sign_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t bucket,
                        uint8_t* payload);
 
 // Validating decode-and-accumulate: out[i] += scale * decoded[i] for i in [0, numel), where the
@@ -148,7 +159,7 @@ QuantDecodeStatus quant_decode_accumulate(const uint8_t* payload, int64_t bytes,
 // Expected squared QSGD error E||v - Q(v)||^2 for bits 8, 4, 2 (errors[0..2]) and the exact squared
 // error of the sign message (errors[3]), in one pass; the state is not modified. Per element of a
 // bucket of norm N: (N / s)^2 * p (1 - p) with p = x - floor(x) the rounding probability.
-QuantStats quant_error_estimate(const float* grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
+QuantStats quant_error_estimate(Grad grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
                                 double errors[4]);
 
 // n counter-based uniform draws u_i = uniform_draw(draw_key(seed), i) (for tests and references).

@@ -18,7 +18,7 @@ namespace cuda {
 
 // QSGD (bits 8, 4, 2) or sign (bits 1) encode with error feedback; grad, state and payload are
 // device pointers, *stats is host memory. Returns after the results are in place.
-cudaError_t quant_encode(const float* grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
+cudaError_t quant_encode(Grad grad, float* state, int64_t n, Feedback mode, int bits, int64_t bucket,
                          uint64_t seed, uint8_t* payload, QuantStats* stats, cudaStream_t stream);
 
 // Validating decode-and-accumulate (see kimad::cpu::quant_decode_accumulate); payload and out are
@@ -28,7 +28,7 @@ cudaError_t quant_decode_accumulate(const uint8_t* payload, int64_t bytes, int b
 
 // Expected squared QSGD errors and the sign error (see kimad::cpu::quant_error_estimate); grad and
 // state are device pointers, errors[4] and *stats host memory (errors untouched when non-finite).
-cudaError_t quant_error_estimate(const float* grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
+cudaError_t quant_error_estimate(Grad grad, const float* state, int64_t n, Feedback mode, int64_t bucket,
                                  double* errors, QuantStats* stats, cudaStream_t stream);
 
 }  // namespace cuda

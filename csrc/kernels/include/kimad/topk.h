@@ -1,6 +1,7 @@
 // Kimad's native kernels: fused error feedback + exact top-k encode, and the error profile.
 //
-// Both kernels read a gradient g and an error-feedback state s (n float32 each) and form
+// Both kernels read a gradient g (n float32, float16 or bfloat16; see kimad/grad.h) and an
+// error-feedback state s (n float32) and form
 //   v = g + e   (classic EF, s = e, the residual of what was not sent), or
 //   v = g - h   (EF21,       s = h, the receivers' running estimate of g),
 // then select on |v| without sorting: a histogram of the top 16 bits of the IEEE key of |v|
@@ -11,6 +12,7 @@
 
 #include <cstdint>
 
+#include "kimad/grad.h"
 #include "kimad/simd.h"
 
 namespace kimad {
@@ -40,7 +42,7 @@ namespace cpu {
 //   identical for any number of threads.
 //   If v has a non-finite entry, returns stats.non_finite > 0 and writes nothing at all
 //   (state, values and indices untouched). Precondition: n < 2^31.
-TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode, int64_t k,
+TopKStats topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t k,
                       float* values, int32_t* indices);
 
 // Squared compression error ||v - TopK_k(v)||^2 for each of the R candidates ks[0, R) (each in
@@ -51,7 +53,7 @@ TopKStats topk_encode(const float* grad, float* state, int64_t n, Feedback mode,
 //   underestimates and overestimates by at most ((1 + 2^-7)^2 - 1) / 4 < 2^-8 + 2^-16 of that
 //   bin's sum of squares (for the lowest, subnormal bins the bound is absolute: < count * 2^-252).
 //   If v has a non-finite entry, returns stats.non_finite > 0 and leaves errors untouched.
-TopKStats error_profile(const float* grad, const float* state, int64_t n, Feedback mode,
+TopKStats error_profile(Grad grad, const float* state, int64_t n, Feedback mode,
                         const int64_t* ks, int64_t R, double* errors);
 
 // The profile from a merged histogram (counts and sums of squares per bin, kTopKBins each):

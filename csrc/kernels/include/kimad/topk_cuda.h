@@ -17,13 +17,13 @@ namespace cuda {
 
 // Histogram of the top 16 key bits of |v| (counts and sums of squares, written to HOST arrays
 // of kTopKBins each), plus stats->non_finite and stats->sq_norm. grad/state are device pointers.
-cudaError_t key_histogram(const float* grad, const float* state, int64_t n, Feedback mode,
+cudaError_t key_histogram(Grad grad, const float* state, int64_t n, Feedback mode,
                           uint32_t* counts_host, double* sum_squares_host, TopKStats* stats,
                           cudaStream_t stream);
 
 // Exact top-k encode with error feedback (see kimad::cpu::topk_encode); grad, state, values and
 // indices are device pointers, *stats is host memory. Returns after the results are in place.
-cudaError_t topk_encode(const float* grad, float* state, int64_t n, Feedback mode, int64_t k,
+cudaError_t topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t k,
                         float* values, int32_t* indices, TopKStats* stats, cudaStream_t stream);
 
 }  // namespace cuda
