@@ -98,18 +98,11 @@ class ErrorFeedback:
         rounds differently and measurably changed training, so the order is kept.)
         """
         if self.mode != "ef21":
-            c = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-            for values, indices in messages:
-                ops.sparse_accumulate(c, values, indices, scale=scale, name=name)
-            return c
-        c = self._zeros(like)
-        try:
-            for values, indices in messages:
-                ops.sparse_accumulate(c, values, indices, scale=scale, name=name)
-            estimate = self._state(self.global_estimate, name, like).view(-1)
-            estimate.add_(c)
-        finally:
-            c.zero_()
+            return ops.sparse_sum(torch.empty(like.shape, dtype=torch.float32, device=like.device), messages,
+                                  scale=scale, name=name)
+        c = ops.sparse_sum(self._buffer(like), messages, scale=scale, name=name)  # overwrites every entry
+        estimate = self._state(self.global_estimate, name, like).view(-1)
+        estimate.add_(c)
         return estimate.clone().view(like.shape)
 
     def estimate_quantized(self, name: str, payloads: list[torch.Tensor], like: torch.Tensor, scale: float, *,
@@ -126,22 +119,20 @@ class ErrorFeedback:
                 ops.quant_decode_accumulate(c, payload, fmt=fmt, numel=n, bits=bits, bucket=bucket, scale=scale,
                                             name=name)
             return c.view(like.shape)
-        c = self._zeros(like)
-        try:
-            for payload in payloads:
-                ops.quant_decode_accumulate(c, payload, fmt=fmt, numel=n, bits=bits, bucket=bucket, scale=scale,
-                                            name=name)
-            estimate = self._state(self.global_estimate, name, like).view(-1)
-            estimate.add_(c)
-        finally:
-            c.zero_()
+        c = self._buffer(like).zero_()
+        for payload in payloads:
+            ops.quant_decode_accumulate(c, payload, fmt=fmt, numel=n, bits=bits, bucket=bucket, scale=scale,
+                                        name=name)
+        estimate = self._state(self.global_estimate, name, like).view(-1)
+        estimate.add_(c)
         return estimate.clone().view(like.shape)
 
-    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
-        """The first ``like.numel()`` entries of the reused float32 buffer, all zero (callers zero them after use)."""
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """The first ``like.numel()`` entries of the reused float32 buffer, uninitialised (callers overwrite or
+        zero it first, so a decode that failed half-way leaves nothing behind for the next one)."""
         n = like.numel()
         if self._scratch is None or self._scratch.numel() < n or self._scratch.device != like.device:
-            self._scratch = torch.zeros(n, dtype=torch.float32, device=like.device)
+            self._scratch = torch.empty(n, dtype=torch.float32, device=like.device)
         return self._scratch[:n]
 
     def state_dict(self) -> dict:

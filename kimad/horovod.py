@@ -51,25 +51,24 @@ needs all gradients at once (one plan for the whole step), so:
       ranks is removed as in (c), so these timings are honest throughput samples;
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
       ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs);
-   g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_accumulate` (a
+   g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_sum` (a
       quantised one with :func:`kimad.ops.quant_decode_accumulate`) into the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average; for EF21 in a buffer reused
       across tensors and steps); dense tensors come from the allreduce, or from the ranks' gathered
       dense buffers summed in rank order. EF21: the optimizer sees
       (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
 3. ``decompress`` returns the tensor's result, reshaped and cast to the gradient's dtype.
 
-Budget and batching (:meth:`~kimad.control.cost.CostModel.batched_latency_credit`): the cost model
-prices every tensor as its own collective (one latency each),
-but Kimad sends a whole step in one allgather (and an allreduce only for a dense part too large to
-ride along, see e). So the controller is given the user's budget plus a latency credit: the
-latencies the priced plan charges beyond the collectives actually issued (every tensor pays at least
-one allgather latency, or an allreduce latency when it can only go dense). Without it a model of many
-tensors looks latency-bound and is compressed far more than the measured link requires. When the
-issued collectives' latencies alone take more than ``1 - min_byte_share`` of the budget, the credit
-keeps ``min_byte_share`` of the budget for bytes: the step overruns (``over_budget``) rather than
-sending nearly nothing, which would stall training and leave the link's bandwidth unobservable.
-The ``kimad.agree`` allgather is overhead outside the budget. With one rank nothing crosses a link:
-every plan is dense.
+Budget and batching (:meth:`~kimad.control.cost.CostModel.batched_byte_budget`): Kimad sends a whole
+step in one allgather (and an allreduce only for a dense part too large to ride along, see e), so
+the controller is ``batched``: it prices every option by its bytes only, and the allocator gets the
+user's budget less the latencies of the collectives actually issued. Pricing each tensor as its own
+collective instead would make a model of many tensors look latency-bound (and compress it far more
+than the link requires) and would favour a top-k message larger than the dense tensor for its
+allgather's fewer latencies. When the issued latencies alone take more than ``1 - min_byte_share``
+of the budget, ``min_byte_share`` of the budget is still given to bytes: the step overruns
+(``over_budget``) rather than sending nearly nothing, which would stall training and leave the
+link's bandwidth unobservable. The ``kimad.agree`` allgather is overhead outside the budget. With
+one rank nothing crosses a link: every plan is dense.
 
 Reduction op: read from the calling ``DistributedOptimizer`` (``self.op`` of the frame that calls
 ``compress``), falling back to ``Kimad(op=...)`` (default Average). Average and Sum are supported
@@ -115,18 +114,19 @@ class UnknownGradientError(KimadError, LookupError):
     """``compress`` was given a tensor that is not the ``.grad`` of any parameter registered with Kimad."""
 
 
-class _LatencyCredit:
-    """The user's budget (seconds) plus ``credit_s``, the per-tensor latencies that batching does not pay."""
+class _BytesBudget:
+    """The allocator's view of the user's budget: the seconds left for bytes this step (``bytes_s``, set per
+    step from :meth:`~kimad.control.cost.CostModel.batched_byte_budget`); the user's budget until then."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.credit_s = 0.0
+        self.bytes_s: float | None = None
 
     def observe_compute(self, seconds: float) -> None:
         self.inner.observe_compute(seconds)
 
     def budget_s(self) -> float:
-        return self.inner.budget_s() + self.credit_s
+        return self.inner.budget_s() if self.bytes_s is None else self.bytes_s
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,9 @@ class Kimad:
             raise KimadError("latency_s is only used with bandwidth_bps (a fixed link model)")
         self.controller = Controller(world_size=self.world_size, budget=budget_s, allocator=allocator,
                                      compressors=compressors, densities=densities,
-                                     min_compress_numel=min_compress_numel, estimator=estimator)
+                                     min_compress_numel=min_compress_numel, estimator=estimator, batched=True)
         self.budget = self.controller.budget  # the user's: FixedBudget or AutoBudget
-        self.controller.budget = _LatencyCredit(self.budget)
+        self.controller.budget = _BytesBudget(self.budget)
         if op is None:
             op = hvd.Average
         self._check_op(op)
@@ -397,12 +397,11 @@ class Kimad:
             pos += 1 + m + 4 * quant
         cost = CostModel.from_estimate(self.controller.estimate(), world)
         user_budget = self.budget.budget_s()
-        credit, charged, issued = cost.batched_latency_credit([self._compressible(g.numel()) for g in grads],
-                                                              [g.numel() for g in grads], user_budget,
-                                                              self.min_byte_share)
-        self.controller.budget.credit_s = credit
+        self.controller.budget.bytes_s, issued = cost.batched_byte_budget(
+            [self._compressible(g.numel()) for g in grads], [g.numel() for g in grads], user_budget,
+            self.min_byte_share)
         plan = self.controller.plan(profiles, step=self.step)
-        predicted_comm_s = plan.total_time_s - charged + issued
+        predicted_comm_s = plan.total_time_s + issued
         digest = plan.digest()
         t_encode = time.perf_counter()
         plan_s = t_encode - t_plan
@@ -509,7 +508,7 @@ class Kimad:
         comm = {kind: s for kind, _, s in samples}
         self.metrics = {
             "step": plan.step, "bandwidth_bps": est.bandwidth_bps, "latency_s": est.latency_s,
-            "budget_s": budget_s, "latency_credit_s": self.controller.budget.credit_s,
+            "budget_s": budget_s, "issued_latency_s": predicted_comm_s - plan.total_time_s,
             "over_budget": plan.over_budget or predicted_comm_s > budget_s * (1 + 1e-9), "plan_digest": digest,
             "predicted_bytes": plan.total_bytes, "actual_bytes": sum(nbytes for _, nbytes, _ in samples),
             "predicted_comm_s": predicted_comm_s,

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kimad import KimadError
-from kimad.compressors.wire import message_bytes
+from kimad.compressors.wire import MessageFormat, message_bytes
 from kimad.control.cost import CostModel, CostModelError, latency_terms, link_bytes
 
 
@@ -124,25 +124,39 @@ def test_dense_buffers_ride_in_the_allgather_when_that_costs_less_than_an_allred
     assert not cost.dense_rides(501_000) and not cost.dense_rides(10**7)
 
 
-def test_the_latency_credit_pays_for_per_tensor_pricing_but_keeps_min_byte_share_for_bytes():
+def test_a_batched_step_gives_bytes_the_budget_less_its_issued_latencies_but_at_least_min_byte_share():
     cost = CostModel(1e9, 1e-3, 4)  # allgather 3 latencies (3 ms), allreduce 6 (6 ms)
     compressible, numels = [True, True, False], [10**6, 10**6, 100]  # 400 bytes of biases ride along
-    credit, charged, issued = cost.batched_latency_credit(compressible, numels, budget_s=0.1, min_byte_share=0.5)
-    assert charged == pytest.approx(3e-3 + 3e-3 + 6e-3) and issued == pytest.approx(3e-3)
-    assert 0.1 + credit - charged == pytest.approx(0.1 - issued)  # bytes get the budget less the one allgather
+    assert cost.batched_byte_budget(compressible, numels, budget_s=0.1, min_byte_share=0.5) == \
+        pytest.approx((0.1 - 3e-3, 3e-3))
     # Latency eats the budget: strict leaves nothing for bytes, the default keeps half the budget.
-    credit, charged, issued = cost.batched_latency_credit(compressible, numels, budget_s=2e-3, min_byte_share=0.0)
-    assert 2e-3 + credit - charged == pytest.approx(0.0)
-    credit, charged, issued = cost.batched_latency_credit(compressible, numels, budget_s=2e-3, min_byte_share=0.5)
-    assert 2e-3 + credit - charged == pytest.approx(1e-3)
+    assert cost.batched_byte_budget(compressible, numels, budget_s=2e-3, min_byte_share=0.0) == pytest.approx((0, 3e-3))
+    assert cost.batched_byte_budget(compressible, numels, budget_s=2e-3, min_byte_share=0.5) == \
+        pytest.approx((1e-3, 3e-3))
     # Too many always-dense bytes to ride: the allreduce's latencies are issued too.
-    credit, charged, issued = cost.batched_latency_credit([True, False], [10**6, 10**7], budget_s=0.1, min_byte_share=0.5)
-    assert issued == pytest.approx(9e-3) and 0.1 + credit - charged == pytest.approx(0.1 - 9e-3)
+    assert cost.batched_byte_budget([True, False], [10**6, 10**7], budget_s=0.1, min_byte_share=0.5) == \
+        pytest.approx((0.1 - 9e-3, 9e-3))
+    # One rank: nothing crosses a link.
+    assert CostModel(1e9, 1e-3, 1).batched_byte_budget([True], [10], budget_s=0.1, min_byte_share=0.5) == (0.1, 0.0)
 
 
-def test_the_latency_credit_refuses_mismatched_inputs_and_shares_outside_zero_to_one():
+def test_a_batched_model_prices_options_by_their_bytes_only():
+    plain, batched = CostModel(1e9, 1e-3, 2), CostModel(1e9, 1e-3, 2, batched=True)
+    for fmt, k in ((MessageFormat.DENSE32, None), (MessageFormat.TOPK, 1000)):
+        bits = 8 * link_bytes(fmt.collective, 2, message_bytes(fmt, 10**5, k=k))
+        assert batched.option_time(fmt, 10**5, k=k) == pytest.approx(bits / 1e9)
+        assert plain.option_time(fmt, 10**5, k=k) == pytest.approx(bits / 1e9 + latency_terms(fmt.collective, 2) * 1e-3)
+    # Top-k of every element (values + bitmap) is larger than the dense tensor: unbatched, its allgather's
+    # fewer latencies made it look cheaper; batched (one collective for all), it is not.
+    n = 10**5
+    assert message_bytes(MessageFormat.TOPK, n, k=n) > 4 * n
+    assert plain.option_time(MessageFormat.TOPK, n, k=n) < plain.option_time(MessageFormat.DENSE32, n)
+    assert batched.option_time(MessageFormat.TOPK, n, k=n) > batched.option_time(MessageFormat.DENSE32, n)
+
+
+def test_the_batched_byte_budget_refuses_mismatched_inputs_and_shares_outside_zero_to_one():
     cost = CostModel(1e9, 1e-3, 4)
     with pytest.raises(CostModelError, match="2 compressible flags for 1 tensors"):
-        cost.batched_latency_credit([True, False], [10], budget_s=0.1, min_byte_share=0.5)
+        cost.batched_byte_budget([True, False], [10], budget_s=0.1, min_byte_share=0.5)
     with pytest.raises(CostModelError, match="min_byte_share"):
-        cost.batched_latency_credit([True], [10], budget_s=0.1, min_byte_share=1.5)
+        cost.batched_byte_budget([True], [10], budget_s=0.1, min_byte_share=1.5)

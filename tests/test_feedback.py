@@ -216,14 +216,20 @@ def test_estimate_quantized_is_bitwise_estimate_of_the_decoded_sum(mode):
         assert got.shape == (10, 100) and torch.equal(got, plain.estimate("w", c.view(10, 100)))
 
 
-def test_a_corrupt_quantized_message_leaves_the_reused_buffer_zero():
+def test_a_corrupt_message_leaves_nothing_behind_for_the_next_decode():
     from kimad.errors import CorruptMessageError
 
-    fb = ErrorFeedback("ef21")
+    fb, fresh = ErrorFeedback("ef21"), ErrorFeedback("ef21")
     good, bad = quant_payloads(2, 1000, 8, 0)
     with pytest.raises(CorruptMessageError):
         fb.estimate_quantized("w", [good, bad[:-1]], torch.zeros(1000), 0.5, fmt="qsgd", bits=8, bucket=512)
-    assert torch.equal(fb._scratch, torch.zeros_like(fb._scratch))
+    with pytest.raises(CorruptMessageError):
+        fb.estimate_topk("w", [(torch.ones(2), torch.tensor([3, 1000], dtype=torch.int32))], torch.zeros(1000), 1.0)
+    results = [(f.estimate_quantized("q", [good, good], torch.zeros(1000), 0.5, fmt="qsgd", bits=8, bucket=512),
+                f.estimate_topk("s", [(torch.ones(2), torch.tensor([3, 7], dtype=torch.int32))], torch.zeros(1000), 1.0))
+               for f in (fb, fresh)]
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert float(results[0][1].sum()) == 2.0 and float(results[0][0].abs().sum()) > 0
 
 
 @pytest.mark.parametrize("mode", ["ef21", "ef"])

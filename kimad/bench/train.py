@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 m = compression.metrics
                 entry.update(bytes=m["actual_bytes"], bandwidth_bps=m["bandwidth_bps"], latency_s=m["latency_s"],
                              budget_s=m["budget_s"], comm_s=m["actual_comm_s"],
-                             prev_link_comm_s=m["prev_link_comm_s"], latency_credit_s=m["latency_credit_s"],
+                             prev_link_comm_s=m["prev_link_comm_s"], issued_latency_s=m["issued_latency_s"],
                              predicted_comm_s=m["predicted_comm_s"], over_budget=m["over_budget"],
                              kimad_step_s=m["kimad_step_s"],
                              density={n: 1.0 if t["option"] == "dense32" else float(t["option"][len("topk"):])

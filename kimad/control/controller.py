@@ -83,12 +83,15 @@ class Controller:
         min_compress_numel: tensors with fewer elements are always sent dense.
         bins: cost bins of the layerwise DP (>= 1).
         estimator: the bandwidth estimator to use (default: a new :class:`BandwidthEstimator`).
+        batched: the frontend sends a step's messages together, paying the collectives' latencies once
+            (:meth:`CostModel.batched_byte_budget`): options are priced by their bytes only, and the
+            frontend's budget object should give the allocator what is left for bytes.
     """
 
     def __init__(self, *, world_size: int, budget: float | str | FixedBudget | AutoBudget = "auto",
                  allocator: str = "layerwise", compressors: Sequence[str] = ("topk",),
                  densities: Sequence[float] | None = None, min_compress_numel: int = 1024, bins: int = 1000,
-                 estimator: BandwidthEstimator | None = None) -> None:
+                 estimator: BandwidthEstimator | None = None, batched: bool = False) -> None:
         if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ControllerError(f"world_size must be an int >= 1, got {world_size!r}")
         if allocator not in ALLOCATORS:
@@ -107,6 +110,7 @@ class Controller:
         self.bins = bins
         self.budget = _make_budget(budget)
         self.estimator = estimator if estimator is not None else BandwidthEstimator()
+        self.batched = batched
 
     # -- measurements --------------------------------------------------------------------------
     def observe_collective(self, kind: str, bytes_per_rank: int, seconds: float, step: int) -> bool:
@@ -124,7 +128,7 @@ class Controller:
     # -- planning ------------------------------------------------------------------------------
     def menus(self, profiles: Sequence[TensorProfile]) -> list[tuple[str, tuple[Option, ...]]]:
         """Every tensor's priced menu under the current estimate."""
-        cost_model = CostModel.from_estimate(self.estimate(), self.world_size)
+        cost_model = CostModel.from_estimate(self.estimate(), self.world_size, batched=self.batched)
         names = [p.name for p in profiles]
         if len(set(names)) != len(names):
             raise ControllerError("tensor names in one step must be unique; duplicated: "

@@ -63,11 +63,15 @@ class CostModel:
         bandwidth_bps: link bandwidth in bits per second (> 0, may be ``inf``).
         latency_s: per-message latency alpha in seconds (>= 0).
         world_size: number of ranks ``n`` (>= 1).
+        batched: the step's messages travel together, in collectives whose latencies are paid once per
+            step (:meth:`batched_byte_budget`), so :meth:`option_time` prices an option's bytes only.
+            Unbatched, each option pays its own collective's latencies too.
     """
 
     bandwidth_bps: float
     latency_s: float
     world_size: int
+    batched: bool = False
 
     def __post_init__(self) -> None:
         if not (self.bandwidth_bps > 0):  # also rejects NaN
@@ -77,9 +81,9 @@ class CostModel:
         _check_collective("allreduce", self.world_size)
 
     @classmethod
-    def from_estimate(cls, estimate, world_size: int) -> "CostModel":
+    def from_estimate(cls, estimate, world_size: int, batched: bool = False) -> "CostModel":
         """Build from anything with ``bandwidth_bps`` and ``latency_s`` (e.g. a ``BandwidthEstimator.estimate()``)."""
-        return cls(float(estimate.bandwidth_bps), float(estimate.latency_s), world_size)
+        return cls(float(estimate.bandwidth_bps), float(estimate.latency_s), world_size, batched)
 
     def collective_time(self, collective: str, nbytes: float) -> float:
         """Seconds of one ``collective`` moving ``nbytes`` (see :func:`link_bytes` for their meaning)."""
@@ -111,9 +115,13 @@ class CostModel:
 
     def option_time(self, fmt: MessageFormat | str, numel: int, *, k: int | None = None,
                     bits: int | None = None) -> float:
-        """Seconds to exchange one tensor's message: dense formats by allreduce, the others by allgather."""
+        """Seconds to exchange one tensor's message: dense formats by allreduce, the others by allgather
+        (without the collective's latencies when :attr:`batched`)."""
         fmt = MessageFormat(fmt)
-        return self.collective_time(fmt.collective, self.option_bytes(fmt, numel, k=k, bits=bits))
+        seconds = self.collective_time(fmt.collective, self.option_bytes(fmt, numel, k=k, bits=bits))
+        if self.batched and self.world_size > 1:
+            seconds -= latency_terms(fmt.collective, self.world_size) * self.latency_s
+        return seconds
 
     def dense_rides(self, nbytes: int) -> bool:
         """Whether ``nbytes`` of dense float32 cost less added to a step's allgather (its bytes only: the
@@ -126,29 +134,29 @@ class CostModel:
         added = self.collective_time("allgather", nbytes) - self.latency_s * latency_terms("allgather", self.world_size)
         return added <= self.collective_time("allreduce", nbytes)
 
-    def batched_latency_credit(self, compressible: Sequence[bool], numels: Sequence[int], budget_s: float,
-                               min_byte_share: float) -> tuple[float, float, float]:
-        """``(credit_s, charged_s, issued_s)`` for a step sent as one batch (one allgather, plus an allreduce
-        for the dense tensors unless they ride in it, :meth:`dense_rides`).
+    def batched_byte_budget(self, compressible: Sequence[bool], numels: Sequence[int], budget_s: float,
+                            min_byte_share: float) -> tuple[float, float]:
+        """``(bytes_budget_s, issued_s)`` for a step sent as one batch: one allgather, plus an allreduce
+        for the always-dense tensors (``compressible[i]`` false; ``numels[i]`` float32 each) unless they
+        ride in it (:meth:`dense_rides`).
 
-        The per-tensor pricing of :meth:`option_time` charges every tensor its own collective's latencies
-        (``charged_s``: an allgather's for a tensor that may be compressed, ``compressible[i]``, an
-        allreduce's for one that can only go dense, ``numels[i]`` float32 each); the batch pays only its
-        own (``issued_s``). Raising the budget by ``credit_s`` gives the plan's bytes ``budget_s - issued_s``
-        seconds, and never less than ``min_byte_share * budget_s``: latency is paid whatever is sent, and
-        when it eats the budget a plan of the cheapest options would starve training (and leave the link's
-        bandwidth unobservable).
+        ``issued_s`` are those collectives' latencies, paid whatever is sent; ``bytes_budget_s`` what is
+        left of ``budget_s`` for the options' bytes (priced by a :attr:`batched` model), and never less
+        than ``min_byte_share * budget_s``: when latency eats the budget, a plan of the cheapest options
+        would starve training (and leave the link's bandwidth unobservable), so the step overruns
+        instead. The step's predicted time is ``issued_s`` plus its options' (batched) times.
         """
         if len(compressible) != len(numels):
             raise CostModelError(f"{len(compressible)} compressible flags for {len(numels)} tensors")
         if not 0.0 <= min_byte_share <= 1.0:
             raise CostModelError(f"min_byte_share must be in [0, 1], got {min_byte_share!r}")
-        gather_alpha = self.latency_s * latency_terms("allgather", self.world_size)
-        reduce_alpha = self.latency_s * latency_terms("allreduce", self.world_size)
-        charged = sum(gather_alpha if c else reduce_alpha for c in compressible)
+        if self.world_size == 1:
+            return budget_s, 0.0
         always_dense = 4 * sum(n for c, n in zip(compressible, numels) if not c)
-        issued = gather_alpha + (0.0 if self.dense_rides(always_dense) else reduce_alpha)
-        return max(0.0, charged - issued, charged - (1.0 - min_byte_share) * budget_s), charged, issued
+        issued = self.latency_s * latency_terms("allgather", self.world_size)
+        if always_dense and not self.dense_rides(always_dense):
+            issued += self.latency_s * latency_terms("allreduce", self.world_size)
+        return max(budget_s - issued, min_byte_share * budget_s), issued
 
     def dense_break_even_density(self, numel: int) -> float:
         """The top-k density ``k / numel`` above which a top-k allgather costs more than a dense fp32 allreduce.
