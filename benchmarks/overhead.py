@@ -19,7 +19,7 @@ Figures, medians over the steps after ``--warmup`` (rank 0's measurements; step 
 over ranks, since the slowest rank sets the pace):
   step_ms       wall time of zero_grad + forward + backward + optimizer step;
   comm_ms       Kimad only: its allgather + allreduce (metrics ``actual_comm_s``) and, apart, its
-                ``kimad.agree`` allreduce; plain Horovod's allreduce overlaps backward, so it has no
+                ``kimad.agree`` allgather; plain Horovod's allreduce overlaps backward, so it has no
                 separable communication time;
   overhead_ms   Kimad's own work: error profiles + plan + encode + decode (metrics ``overhead_s``),
                 and ``overhead_pct`` = overhead / Kimad's step time (target <= 5%);
@@ -138,7 +138,7 @@ def measure(args: argparse.Namespace) -> int:
         print(f"{'plain Horovod (fp32)':<28}{r['plain_step_ms']:>10.1f}{plain_bytes:>14,}")
         print(f"{'Kimad top-k EF21 1%':<28}{r['kimad_step_ms']:>10.1f}{int(kimad_bytes):>14,}"
               f"   ({r['byte_reduction']:.1f}x fewer bytes)")
-        print(f"  Kimad allgather+allreduce {r['kimad_comm_ms']:.1f} ms; agree allreduce {r['kimad_agree_ms']:.1f} ms "
+        print(f"  Kimad allgather+allreduce {r['kimad_comm_ms']:.1f} ms; agree allgather {r['kimad_agree_ms']:.1f} ms "
               "(where the ranks meet after backward: it absorbs their skew)")
         print(f"  Kimad own work {r['overhead_ms']:.1f} ms = {r['overhead_pct']:.1f}% of its step (target <= 5%): "
               f"profile {r['profile_ms']:.1f}, plan {r['plan_ms']:.1f}, encode {r['encode_ms']:.1f}, "
