@@ -47,6 +47,9 @@ test-cxx:
 	cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKIMAD_SANITIZE=ON -DKIMAD_CUDA_CHECK=OFF >/dev/null
 	cmake --build $(ASAN_BUILD)
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure
+	@rc=0; bash scripts/check_cuda_bindings.sh $(PY) || rc=$$?; \
+	  if [ $$rc = 2 ]; then echo "[make] CUDA branches of the bindings not checked: no CUDA headers"; \
+	  elif [ $$rc != 0 ]; then exit $$rc; fi
 
 # The short end-to-end comparison (about 4 minutes on 2 cores): 2 emulated nodes (root) on the step-down
 # trace, uncompressed vs static top-k 0.01 vs Kimad+; without root it says so and runs on localhost.
