@@ -447,10 +447,10 @@ class Kimad:
         self._dense_route = None if buffer is None else ("allgather" if rides else "allreduce")
         dense_sum = None
         if rides:
-            rows = gathered.view(world, per_rank)[:, per_rank - 4 * buffer.numel():].view(torch.float32)
-            dense_sum = rows[0].clone()
+            dense_rows = gathered.view(world, per_rank)[:, per_rank - 4 * buffer.numel():].view(torch.float32)
+            dense_sum = dense_rows[0].clone()
             for r in range(1, world):  # in rank order on every rank: bit-identical sums everywhere
-                dense_sum += rows[r]
+                dense_sum += dense_rows[r]
         elif buffer is not None:
             t0 = time.perf_counter()
             dense_sum = hvd.allreduce(buffer, op=hvd.Sum, name="kimad.dense")

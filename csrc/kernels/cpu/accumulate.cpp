@@ -1,6 +1,7 @@
 // Decode-and-accumulate of sparse (values, int32 indices) messages on the CPU.
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -26,6 +27,20 @@ bool chunk_all_valid(const int32_t* indices, int64_t count, int64_t numel) {
     bad |= static_cast<uint32_t>(static_cast<uint64_t>(static_cast<int64_t>(indices[i])) >= limit);
   }
   return bad == 0;
+}
+
+// This thread's share [lo, hi) of [0, numel) inside an OpenMP parallel region: contiguous ranges, one per
+// thread, whose bounds are multiples of `granule` (the output blocks a thread owns whole).
+std::pair<int64_t, int64_t> thread_range(int64_t numel, int64_t granule) {
+#ifdef _OPENMP
+  const int t = omp_get_thread_num();
+  const int nt = omp_get_num_threads();
+#else
+  const int t = 0, nt = 1;
+#endif
+  const int64_t granules = (numel + granule - 1) / granule;
+  const int64_t per = (granules + nt - 1) / nt;
+  return {std::min(numel, per * t * granule), std::min(numel, per * (t + 1) * granule)};
 }
 
 int64_t first_invalid_serial(const int32_t* indices, int64_t begin, int64_t end, int64_t numel) {
@@ -134,15 +149,7 @@ void scatter_add(const float* values, const int32_t* indices, int64_t count, flo
   }
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num();
-    const int nt = omp_get_num_threads();
-#else
-    const int t = 0, nt = 1;
-#endif
-    const int64_t span = (numel + nt - 1) / nt;
-    const int64_t lo = std::min(numel, span * t);
-    const int64_t hi = std::min(numel, lo + span);
+    const auto [lo, hi] = thread_range(numel, 1);
     scatter_range(values, indices, count, scale, out, lo, hi);
   }
 }
@@ -190,16 +197,7 @@ InvalidIndex sparse_sum(const SparseMessage* messages, int64_t n, float scale, b
     const int threads = threaded ? num_threads() : 1;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-      const int t = omp_get_thread_num();
-      const int nt = omp_get_num_threads();
-#else
-      const int t = 0, nt = 1;
-#endif
-      const int64_t blocks = (numel + kBlock - 1) / kBlock;
-      const int64_t per = (blocks + nt - 1) / nt;
-      const int64_t lo = std::min(numel, per * t * kBlock);
-      const int64_t hi = std::min(numel, per * (t + 1) * kBlock);
+      const auto [lo, hi] = thread_range(numel, kBlock);
       merge_range(messages, n, scale, accumulate, out, lo, hi);
     }
     return {-1, -1};
