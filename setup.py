@@ -42,7 +42,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     include = [str(ROOT / "csrc" / "kernels" / "include")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     sources = _sources("csrc/kernels/cpu/*.cpp") + _sources("csrc/bindings/*.cpp")
     if _want_cuda():
         nvcc = [

@@ -15,3 +15,7 @@ class CorruptMessageError(KimadError, ValueError):
 
 class NonFiniteGradientError(KimadError, ValueError):
     """A gradient (plus its error-feedback state) holds NaN or Inf; nothing was compressed or updated."""
+
+
+class StaleProfileError(KimadError, ValueError):
+    """A top-k profile handed to an encode does not describe its tensors as they are now."""

@@ -42,6 +42,10 @@ class ErrorFeedback:
         self.local: dict[str, torch.Tensor] = {}  # h (EF21) or e (EF)
         self.global_estimate: dict[str, torch.Tensor] = {}  # H (EF21 only)
         self._scratch: torch.Tensor | None = None  # where c is summed: float32, the largest tensor's size, kept all zero
+        # The last error profile per name and the state it read, until that tensor's encode reuses its histogram;
+        # and per name the profile's native histogram buffer, refilled each step (no allocation after the first).
+        self._profiles: dict[str, tuple[ops.TopKProfile, torch.Tensor]] = {}
+        self._histograms: dict[str, object] = {}
 
     def _state(self, store: dict[str, torch.Tensor], name: str, grad: torch.Tensor) -> torch.Tensor:
         state = store.get(name)
@@ -74,6 +78,7 @@ class ErrorFeedback:
 
     def sent_dense(self, name: str, v: torch.Tensor) -> None:
         """Record that ``v`` (from :meth:`correct`) was sent uncompressed: EF21 ``h += v``; EF ``e = 0``."""
+        self._profiles.pop(name, None)
         if self.mode == "ef21":
             self._state(self.local, name, v).view_as(v).add_(v)
         elif self.mode == "ef":
@@ -144,6 +149,7 @@ class ErrorFeedback:
         """Restore a :meth:`state_dict` (its mode must match this object's)."""
         if state["mode"] != self.mode:
             raise FeedbackError(f"checkpoint holds error_feedback={state['mode']!r} state, this run uses {self.mode!r}")
+        self._profiles.clear()
         self.local = {k: v.clone().to(torch.float32) for k, v in state["local"].items()}
         self.global_estimate = {k: v.clone().to(torch.float32) for k, v in state["global_estimate"].items()}
 
@@ -151,6 +157,7 @@ class ErrorFeedback:
                          seed: int) -> ops.QuantMessage:
         """QSGD (``bits`` 8, 4, 2; draws keyed by ``seed``) or scaled-sign message of ``v`` with the local state
         updated in place (:func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode`)."""
+        self._profiles.pop(name, None)
         state = self.local_state(name, grad)
         if fmt == "sign":
             return ops.sign_encode(grad, state, bucket=bucket, mode=self.ops_mode, name=name)
@@ -163,9 +170,24 @@ class ErrorFeedback:
                                         name=name)
 
     def encode_topk(self, name: str, grad: torch.Tensor, k: int) -> ops.TopKMessage:
-        """Top-k message of ``v`` with the local state updated in place (:func:`kimad.ops.topk_encode`)."""
-        return ops.topk_encode(grad, self.local_state(name, grad), k, mode=self.ops_mode, name=name)
+        """Top-k message of ``v`` with the local state updated in place (:func:`kimad.ops.topk_encode`).
+        When :meth:`error_profile` last profiled this very ``grad`` and nothing changed since, the encode
+        reuses that profile's histogram (one pass over the data fewer)."""
+        profile, state = self._profiles.pop(name, (None, None))
+        if profile is None or not profile.describes(grad, state, self.ops_mode):
+            profile, state = None, self.local_state(name, grad)
+        return ops.topk_encode(grad, state, k, mode=self.ops_mode, name=name, profile=profile)
 
     def error_profile(self, name: str, grad: torch.Tensor, ks: list[int]) -> tuple[list[float], float]:
-        """``(errors, sq_norm)`` of ``v`` for each k (:func:`kimad.ops.error_profile`); the state is unchanged."""
-        return ops.error_profile(grad, self.local_state(name, grad), ks, mode=self.ops_mode, name=name)
+        """``(errors, sq_norm)`` of ``v`` for each k (:func:`kimad.ops.topk_profile`); the state is unchanged.
+        The profile is kept for this tensor's next :meth:`encode_topk`; its histogram buffer (256 KiB per
+        tensor of >= 4096 elements; (1 + threads) x that for one split across threads) is kept per name and reused."""
+        state = self.local_state(name, grad)
+        profile = ops.topk_profile(grad, state, ks, mode=self.ops_mode, name=name, buffer=self._histograms.get(name))
+        if profile.buffer is not None:
+            self._histograms[name] = profile.buffer
+        if profile.nbytes:
+            self._profiles[name] = (profile, state)
+        else:
+            self._profiles.pop(name, None)
+        return profile.errors, profile.sq_norm

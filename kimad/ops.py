@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kimad._native import native
-from kimad.errors import CorruptMessageError, KimadError, NonFiniteGradientError
+from kimad.errors import CorruptMessageError, KimadError, NonFiniteGradientError, StaleProfileError
 
 
 def sparse_accumulate(
@@ -223,6 +223,7 @@ def topk_encode(
     *,
     mode: str = "ef21",
     name: str = "tensor",
+    profile: TopKProfile | None = None,
 ) -> TopKMessage:
     """Exact top-k compression with error feedback, fused in one native op.
 
@@ -239,14 +240,20 @@ def topk_encode(
         k: number of entries to send, ``0 <= k <= grad.numel()``.
         mode: ``"ef21"`` (default) or ``"ef"``.
         name: the tensor's name, used in error messages.
+        profile: a :func:`topk_profile` of these same ``grad`` and ``state`` objects, unchanged since;
+            the encode then reuses its histogram and skips its own first pass over the data (the
+            output is the same). A profile serves one encode.
 
     Returns:
         A :class:`TopKMessage` (values float32, indices int32 ascending, ``sq_norm``, ``sq_error``).
 
     Raises:
         KimadError: wrong dtype, device, shape or k.
+        StaleProfileError: ``profile`` is of other tensors, of another mode, already used, or
+            ``grad`` or ``state`` was modified in place since it was taken.
         NonFiniteGradientError: ``v`` holds NaN or Inf; the state is unchanged.
     """
+    histogram = profile._take(grad, state, mode, name) if profile is not None else None
     flat_grad, flat_state, code = _feedback_operands("topk_encode", grad, state, mode, name)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= flat_grad.numel():
         raise KimadError(
@@ -254,13 +261,103 @@ def topk_encode(
         )
     values = torch.empty(k, dtype=torch.float32, device=grad.device)
     indices = torch.empty(k, dtype=torch.int32, device=grad.device)
-    non_finite, sq_norm, sq_error = native().topk_encode(flat_grad, flat_state, k, code, values, indices)
+    non_finite, sq_norm, sq_error = native().topk_encode(flat_grad, flat_state, k, code, values, indices, histogram)
     if non_finite:
         raise NonFiniteGradientError(
             f"gradient {name!r} ({'plus' if mode == 'ef' else 'minus'} its {mode.upper()} state) has "
             f"{non_finite:,} non-finite entries (NaN or Inf); nothing was sent and the state is unchanged"
         )
     return TopKMessage(values, indices, float(sq_norm), float(sq_error))
+
+
+# Below this many elements the native top-k kernels sort instead of building a histogram (kTopKSmallN).
+TOPK_SMALL_NUMEL = 4096
+
+
+class TopKProfile:
+    """The top-k error profile of one ``(grad, state)`` pair (:func:`topk_profile`).
+
+    Attributes:
+        errors: squared errors ``||v - TopK_k(v)||^2``, one per requested k, in request order.
+        sq_norm: ``||v||^2``.
+        buffer: the native first-pass histogram (CPU, tensors of >= 4096 elements; else ``None``),
+            which :func:`topk_encode` of the same, unchanged tensors reuses (``profile=``). Pass it to
+            a later :func:`topk_profile` (``buffer=``) to refill it without allocating; that makes
+            this profile stale.
+    """
+
+    def __init__(self, errors: list[float], sq_norm: float, buffer, kept: bool, grad: torch.Tensor,
+                 state: torch.Tensor, mode: str) -> None:
+        self.errors = errors
+        self.sq_norm = sq_norm
+        self.buffer = buffer
+        self._source = (grad, state, grad._version, state._version, mode, buffer.generation) if kept else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of histogram an encode could reuse (0 if none, once used, or once its buffer was refilled)."""
+        return 0 if self._source is None or self._source[5] != self.buffer.generation else int(self.buffer.nbytes)
+
+    def describes(self, grad: torch.Tensor, state: torch.Tensor, mode: str) -> bool:
+        """Whether this profile is unused and of exactly these tensors, unchanged since, in this mode."""
+        return self._why_not(grad, state, mode) is None
+
+    def _why_not(self, grad: torch.Tensor, state: torch.Tensor, mode: str) -> str | None:
+        if self._source is None:
+            return "it holds no histogram, or was already used by an encode (which changed the state)"
+        src_grad, src_state, grad_version, state_version, src_mode, generation = self._source
+        return ("its buffer was refilled by a later topk_profile" if generation != self.buffer.generation
+                else "it was taken of another gradient tensor" if grad is not src_grad
+                else "it was taken of another state tensor" if state is not src_state
+                else f"it was taken for mode {src_mode!r}, not {mode!r}" if mode != src_mode
+                else "the gradient was modified in place since" if grad._version != grad_version
+                else "the state was modified in place since" if state._version != state_version else None)
+
+    def _take(self, grad: torch.Tensor, state: torch.Tensor, mode: str, name: str):
+        """The histogram for one encode of exactly these tensors; raises :class:`StaleProfileError` otherwise."""
+        why = self._why_not(grad, state, mode)
+        if why is not None:
+            raise StaleProfileError(f"topk_encode for {name!r}: the profile does not describe these tensors: {why}")
+        self._source = None
+        return self.buffer
+
+
+def topk_profile(
+    grad: torch.Tensor,
+    state: torch.Tensor,
+    ks: list[int],
+    *,
+    mode: str = "ef21",
+    name: str = "tensor",
+    buffer=None,
+) -> TopKProfile:
+    """Squared top-k errors ``||v - TopK_k(v)||^2`` for several k at once; the state is unchanged.
+
+    ``v`` is formed as in :func:`topk_encode`. Exact at ``k = 0`` (``||v||^2``, always exact) and
+    ``k = numel`` (0), for tensors of fewer than :data:`TOPK_SMALL_NUMEL` (4096) elements (sorted squares), and when ``ks``
+    is empty (one pass summing squares). Otherwise from one histogram pass over the top 16 bits of
+    the float32 keys of ``|v|``, each unsent entry counted as the largest ``|v|`` of its bin: never
+    an underestimate, and above the exact error by less than a factor ``1 + 2^-6 + 2^-14``
+    (values within one bin differ by less than a factor ``1 + 2^-7``; entries below ``2^-126``
+    add less than ``2^-252`` each). On the CPU the histogram is kept for :func:`topk_encode`
+    (``profile=``), which then skips that pass.
+
+    Args:
+        grad, state, mode, name: as for :func:`topk_encode` (state is only read).
+        ks: candidate numbers of sent entries, each in ``[0, grad.numel()]``.
+        buffer: an earlier profile's :attr:`TopKProfile.buffer` to refill (no allocation when it
+            already has the size); ``None`` allocates one when a histogram is built.
+
+    Returns:
+        A :class:`TopKProfile`.
+
+    Raises:
+        KimadError: wrong dtype, device, shape or a k out of range.
+        NonFiniteGradientError: ``v`` holds NaN or Inf.
+    """
+    if buffer is None and grad.device.type == "cpu" and grad.numel() >= TOPK_SMALL_NUMEL and ks:
+        buffer = native().TopKHistogram()
+    return _profile(grad, state, ks, mode, name, buffer)
 
 
 def error_profile(
@@ -271,25 +368,12 @@ def error_profile(
     mode: str = "ef21",
     name: str = "tensor",
 ) -> tuple[list[float], float]:
-    """Squared top-k errors ``||v - TopK_k(v)||^2`` for several k at once; the state is unchanged.
+    """:func:`topk_profile` without keeping the histogram: returns ``(errors, sq_norm)``."""
+    profile = _profile(grad, state, ks, mode, name, None)
+    return profile.errors, profile.sq_norm
 
-    ``v`` is formed as in :func:`topk_encode`. One histogram pass over the top 16 bits of the
-    float32 keys of ``|v|``; exact at ``k = 0`` (``||v||^2``), ``k = numel`` (0) and at bin
-    boundaries. Otherwise the bin holding the k-th largest contributes pro rata, which never
-    underestimates and overestimates by at most ``2^-8 + 2^-16`` of that bin's sum of squares
-    (values within one bin differ by less than a factor ``1 + 2^-7``).
 
-    Args:
-        grad, state, mode, name: as for :func:`topk_encode` (state is only read).
-        ks: candidate numbers of sent entries, each in ``[0, grad.numel()]``.
-
-    Returns:
-        ``(errors, sq_norm)``: one squared error per k, in the order of ``ks``, and ``||v||^2``.
-
-    Raises:
-        KimadError: wrong dtype, device, shape or a k out of range.
-        NonFiniteGradientError: ``v`` holds NaN or Inf.
-    """
+def _profile(grad, state, ks, mode: str, name: str, buffer) -> TopKProfile:
     flat_grad, flat_state, code = _feedback_operands("error_profile", grad, state, mode, name)
     ks = list(ks)
     for k in ks:
@@ -297,13 +381,13 @@ def error_profile(
             raise KimadError(
                 f"error_profile for {name!r}: k={k!r} must be an int in [0, {flat_grad.numel():,}] (the tensor's numel)"
             )
-    non_finite, sq_norm, errors = native().error_profile(flat_grad, flat_state, ks, code)
+    non_finite, sq_norm, errors, kept = native().error_profile(flat_grad, flat_state, ks, code, buffer)
     if non_finite:
         raise NonFiniteGradientError(
             f"gradient {name!r} ({'plus' if mode == 'ef' else 'minus'} its {mode.upper()} state) has "
             f"{non_finite:,} non-finite entries (NaN or Inf); no error profile"
         )
-    return list(errors), float(sq_norm)
+    return TopKProfile(list(errors), float(sq_norm), buffer, kept, grad, state, mode)
 
 
 @dataclass(frozen=True)

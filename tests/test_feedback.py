@@ -143,6 +143,31 @@ def test_error_profile_matches_the_message_error_and_leaves_state_alone():
     assert errors == pytest.approx([float(v.pow(2).sum()), 0.0], rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["ef21", "ef", None])
+def test_an_encode_after_its_profile_equals_one_without(mode):
+    # The encode reuses the profile's histogram (10,000 elements: the histogram path); the message and
+    # the state must be exactly those of an encode that never saw a profile.
+    profiled, plain = ErrorFeedback(mode), ErrorFeedback(mode)
+    for step in range(3):
+        g = grads(10 + step, (100, 100))
+        profiled.error_profile("w", g, [100])
+        got, want = profiled.encode_topk("w", g, 100), plain.encode_topk("w", g, 100)
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+        if mode is not None:
+            assert torch.equal(profiled.local["w"], plain.local["w"])
+
+
+def test_a_profile_is_not_reused_after_the_state_changed():
+    fb, plain = ErrorFeedback("ef21"), ErrorFeedback("ef21")
+    g = grads(20, (100, 100))
+    fb.error_profile("w", g, [100])
+    v = fb.correct("w", g)
+    fb.sent_dense("w", v)  # h += v: the profile no longer describes g - h
+    plain.sent_dense("w", plain.correct("w", g))
+    got, want = fb.encode_topk("w", g, 100), plain.encode_topk("w", g, 100)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+
+
 def ranks_messages(world: int, n: int, k: int, seed: int):
     """Each rank's top-k message (values, ascending int32 indices) for a tensor of n elements; positions overlap."""
     g = torch.Generator().manual_seed(seed)

@@ -177,24 +177,120 @@ TEST(ErrorProfile, ExactAtTheEndsAndWithinTheBoundInside) {
                                             static_cast<int64_t>(ks.size()), errors.data());
   EXPECT_EQ(st.non_finite, 0);
   EXPECT_EQ(s, state_before);
-  EXPECT_NEAR(errors[0], st.sq_norm, 1e-12 * st.sq_norm);
+  EXPECT_NEAR(st.sq_norm, exact_error(g, s, Feedback::kEF21, 0), 1e-12 * st.sq_norm);
+  EXPECT_EQ(errors[0], st.sq_norm);
   EXPECT_EQ(errors.back(), 0.0);
   for (size_t r = 1; r + 1 < ks.size(); ++r) {
     const double exact = exact_error(g, s, Feedback::kEF21, ks[r]);
-    // Never below, and above by at most 2^-8 (+ slack) of ||v||^2 (a loose form of the per-bin bound).
+    // Never below, and above by less than a factor 1 + 2^-6 + 2^-14 (no subnormals here).
     EXPECT_GE(errors[r], exact * (1 - 1e-12)) << "k=" << ks[r];
-    EXPECT_LE(errors[r] - exact, std::ldexp(1.0, -8) * st.sq_norm) << "k=" << ks[r];
+    EXPECT_LE(errors[r], exact * (1 + std::ldexp(1.0, -6) + std::ldexp(1.0, -14)) * (1 + 1e-12)) << "k=" << ks[r];
+  }
+}
+
+TEST(ErrorProfile, SmallTensorsAreExact) {
+  const size_t n = 3000;  // < kTopKSmallN: sorted squares
+  for (bool ties : {false, true}) {
+    const auto g = random_vector(n, 22, ties);
+    const auto s = random_vector(n, 23, ties);
+    const std::vector<int64_t> ks = {0, 1, 30, 1500, 2999, 3000, 30};
+    std::vector<double> errors(ks.size(), -1.0);
+    const auto st = kimad::cpu::error_profile(g.data(), s.data(), n, Feedback::kEF, ks.data(),
+                                              static_cast<int64_t>(ks.size()), errors.data());
+    for (size_t r = 0; r < ks.size(); ++r) {
+      const double exact = exact_error(g, s, Feedback::kEF, ks[r]);
+      EXPECT_NEAR(errors[r], exact, 1e-12 * (1.0 + exact)) << "k=" << ks[r];
+    }
+    EXPECT_EQ(errors[0], st.sq_norm);
+  }
+}
+
+TEST(ErrorProfile, NoCandidatesGiveTheNormOnly) {
+  for (size_t n : {size_t{100}, size_t{300000}}) {
+    const auto g = random_vector(n, 24, false);
+    const auto s = random_vector(n, 25, false);
+    const auto st = kimad::cpu::error_profile(g.data(), s.data(), static_cast<int64_t>(n), Feedback::kEF21,
+                                              nullptr, 0, nullptr);
+    EXPECT_EQ(st.non_finite, 0);
+    EXPECT_NEAR(st.sq_norm, exact_error(g, s, Feedback::kEF21, 0), 1e-12 * st.sq_norm) << "n=" << n;
+  }
+}
+
+TEST(ErrorProfile, KeptHistogramMakesTheSameEncode) {
+  // Single-segment and threaded sizes, heavy ties, EF and EF21: the encode reusing the profile's
+  // histogram equals the one that builds its own.
+  for (size_t n : {size_t{5000}, size_t{70000}, size_t{400000}}) {
+    for (Feedback mode : {Feedback::kEF, Feedback::kEF21}) {
+      const auto g = random_vector(n, 26, n == 70000);
+      const auto s = random_vector(n, 27, n == 70000);
+      const int64_t k = static_cast<int64_t>(n) / 50;
+      kimad::TopKHistogram kept;
+      double err = -1.0;
+      kimad::cpu::error_profile(g.data(), s.data(), static_cast<int64_t>(n), mode, &k, 1, &err, &kept);
+      ASSERT_GT(kept.segments, 0) << "n=" << n;
+      std::vector<float> s_reuse = s;
+      Encoded got;
+      got.values.assign(k, -1.0f);
+      got.indices.assign(k, -1);
+      const auto st = kimad::cpu::topk_encode(g.data(), s_reuse.data(), static_cast<int64_t>(n), mode, k,
+                                              got.values.data(), got.indices.data(), &kept);
+      got.state = s_reuse;
+      got.sq_error = st.sq_error;
+      const auto want = reference(g, s, mode, k);
+      expect_same(got, want);
+      EXPECT_GE(err, want.sq_error * (1 - 1e-12));
+    }
+  }
+}
+
+TEST(ErrorProfile, AHistogramOfAnotherSizeOrModeIsIgnored) {
+  const auto g = random_vector(80000, 28, false);
+  const auto s = random_vector(80000, 29, false);
+  const int64_t k = 800;
+  kimad::TopKHistogram other;
+  double err;
+  kimad::cpu::error_profile(g.data(), s.data(), 60000, Feedback::kEF21, &k, 1, &err, &other);  // a prefix
+  for (Feedback mode : {Feedback::kEF, Feedback::kEF21}) {
+    Encoded got;
+    got.values.assign(k, -1.0f);
+    got.indices.assign(k, -1);
+    got.state = s;
+    got.sq_error = kimad::cpu::topk_encode(g.data(), got.state.data(), 80000, mode, k, got.values.data(),
+                                           got.indices.data(), &other).sq_error;
+    expect_same(got, reference(g, s, mode, k));
+  }
+}
+
+TEST(TopKEncode, SortAndHistogramPathsMatchReferenceAroundTheThreshold) {
+  for (size_t n : {size_t{4095}, size_t{4096}, size_t{4097}, size_t{20000}}) {
+    for (bool ties : {false, true}) {
+      const auto g = random_vector(n, 30, ties);
+      const auto s = random_vector(n, 31, ties);
+      for (int64_t k : {int64_t{0}, int64_t{1}, static_cast<int64_t>(n) / 100, static_cast<int64_t>(n) / 2,
+                        static_cast<int64_t>(n)}) {
+        expect_same(encode(g, s, Feedback::kEF21, k), reference(g, s, Feedback::kEF21, k));
+      }
+    }
   }
 }
 
 TEST(ErrorProfile, NonFiniteInputIsReported) {
-  std::vector<float> g = {1.0f, std::numeric_limits<float>::infinity()};
-  std::vector<float> s = {0.0f, 0.0f};
-  const int64_t k = 1;
-  double err = -1.0;
-  const auto st = kimad::cpu::error_profile(g.data(), s.data(), 2, Feedback::kEF, &k, 1, &err);
-  EXPECT_EQ(st.non_finite, 1);
-  EXPECT_EQ(err, -1.0);
+  // The sorted path, the histogram path (which then keeps nothing) and the norm-only path.
+  for (size_t n : {size_t{2}, size_t{300000}}) {
+    std::vector<float> g(n, 1.0f);
+    g[n - 1] = std::numeric_limits<float>::infinity();
+    std::vector<float> s(n, 0.0f);
+    const int64_t k = 1;
+    double err = -1.0;
+    kimad::TopKHistogram kept;
+    auto st = kimad::cpu::error_profile(g.data(), s.data(), static_cast<int64_t>(n), Feedback::kEF, &k, 1, &err,
+                                        &kept);
+    EXPECT_EQ(st.non_finite, 1);
+    EXPECT_EQ(err, -1.0);
+    EXPECT_EQ(kept.segments, 0);
+    st = kimad::cpu::error_profile(g.data(), s.data(), static_cast<int64_t>(n), Feedback::kEF, nullptr, 0, nullptr);
+    EXPECT_EQ(st.non_finite, 1);
+  }
 }
 
 }  // namespace

@@ -12,11 +12,16 @@
 //      at the last key going to the lowest indices; each segment then copies its picks to the
 //      output at its offset (so the output is sorted) and updates the state at those indices.
 // ||v||^2 is the sum of squares below T plus those of the lists, so no pass sums all of v.
+// error_profile is pass 1 plus ||v||^2 (a vectorised sum in the same pass); it can hand its
+// histogram to the encode that follows, which then starts at pass 2. Tensors of fewer than
+// kTopKSmallN elements skip the histogram (clearing and scanning 2^16 bins would cost more than
+// the data): the encode finds the k-th largest key with nth_element, the profile sorts squares.
 #include "kimad/topk.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #ifdef _OPENMP
@@ -54,16 +59,20 @@ void bin_block(const float* g, const float* s, int64_t len, float sign, uint16_t
   }
 }
 
-// The bins and values of v for one block, for the profile's histogram.
+// The bins of v for one block, and the sum of its squares (for the profile's exact ||v||^2).
 KIMAD_SIMD_CLONES
-void bin_value_block(const float* g, const float* s, int64_t len, float sign, uint16_t* bin, float* v) {
+double bin_square_block(const float* g, const float* s, int64_t len, float sign, uint16_t* bin) {
+  double sum = 0.0;
+  // Reassociating this sum (vector partial sums) is fine: it is ||v||^2, not part of the output.
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < len; ++i) {
     const float x = g[i] + sign * s[i];
     uint32_t u;
     std::memcpy(&u, &x, sizeof u);
     bin[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) >> 16);
-    v[i] = x;
+    sum += static_cast<double>(x) * static_cast<double>(x);
   }
+  return sum;
 }
 
 constexpr int64_t kChunk = 16;  // entries tested at once for being a pick or candidate
@@ -114,56 +123,72 @@ Segments segments_for(int64_t n) {
 // Entries of these bins have a key >= 0x7F800000: NaN or +-Inf.
 constexpr uint32_t kFirstNonFiniteBin = 0x7F800000u >> 16;
 
-// Pass 1 over one segment: count histogram (and, when sum_squares is given, per-bin sums of
-// squares). Non-finite entries land in bins >= kFirstNonFiniteBin, so they need no own count.
-void histogram_segment(Grad g, const float* s, int64_t begin, int64_t end, float sign,
-                       uint32_t* counts, double* sum_squares) {
+// Pass 1 over one segment: the count histogram; with sq_norm, also the segment's ||v||^2.
+// Non-finite entries land in bins >= kFirstNonFiniteBin, so they need no own count.
+void histogram_segment(Grad g, const float* s, int64_t begin, int64_t end, float sign, uint32_t* counts,
+                       double* sq_norm) {
   alignas(64) uint16_t bin[kBlock];
-  alignas(64) float v[kBlock];
   alignas(64) float converted[kBlock];
+  double sum = 0.0;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
     const float* gb = g.block(b, len, converted);
-    if (sum_squares == nullptr) {
+    if (sq_norm == nullptr) {
       bin_block(gb, s + b, len, sign, bin);
-      for (int64_t i = 0; i < len; ++i) ++counts[bin[i]];
     } else {
-      bin_value_block(gb, s + b, len, sign, bin, v);
-      for (int64_t i = 0; i < len; ++i) {
-        const double x = v[i];
-        ++counts[bin[i]];
-        sum_squares[bin[i]] += x * x;
-      }
+      sum += bin_square_block(gb, s + b, len, sign, bin);
     }
+    for (int64_t i = 0; i < len; ++i) ++counts[bin[i]];
   }
+  if (sq_norm != nullptr) *sq_norm = sum;
 }
 
-// Pass 1 over all segments; merged counts (and sums of squares) into counts[kTopKBins].
-// Per-segment counts are kept in seg_counts (segments x kTopKBins) for the output offsets.
-// Returns the number of non-finite entries.
-int64_t histogram(Grad g, const float* s, const Segments& seg, float sign,
-                  std::vector<uint32_t>& seg_counts, std::vector<uint32_t>& counts,
-                  std::vector<double>* sum_squares) {
-  seg_counts.assign(static_cast<size_t>(seg.count) * kTopKBins, 0);
-  std::vector<double> seg_sums(sum_squares ? static_cast<size_t>(seg.count) * kTopKBins : 0, 0.0);
+// Pass 1 over all segments into h (per-segment counts, for the output offsets, and merged ones).
+// With sq_norm, also ||v||^2 (segment sums added in segment order: deterministic for a thread
+// count). Returns the number of non-finite entries.
+int64_t histogram(Grad g, const float* s, int64_t n, Feedback mode, const Segments& seg, TopKHistogram& h,
+                  double* sq_norm) {
+  const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;
+  h.n = n;
+  h.mode = mode;
+  h.segments = seg.count;
+  h.counts.assign(kTopKBins, 0);
+  if (seg.count > 1) {
+    h.seg_counts.assign(static_cast<size_t>(seg.count) * kTopKBins, 0);
+  } else {
+    h.seg_counts.clear();
+  }
+  std::vector<double> seg_sq(seg.count, 0.0);
 #pragma omp parallel for schedule(static, 1) num_threads(seg.count) if (seg.count > 1)
   for (int64_t t = 0; t < seg.count; ++t) {
-    histogram_segment(g, s, seg.begin(t), seg.end(t), sign, seg_counts.data() + t * kTopKBins,
-                      sum_squares ? seg_sums.data() + t * kTopKBins : nullptr);
+    histogram_segment(g, s, seg.begin(t), seg.end(t), sign, h.segment(t),
+                      sq_norm ? &seg_sq[t] : nullptr);
   }
-  counts.assign(kTopKBins, 0);
-  if (sum_squares) sum_squares->assign(kTopKBins, 0.0);
-  for (int64_t t = 0; t < seg.count; ++t) {  // in segment order: deterministic for a thread count
-    const uint32_t* c = seg_counts.data() + t * kTopKBins;
-    for (int b = 0; b < kTopKBins; ++b) counts[b] += c[b];
-    if (sum_squares) {
-      const double* q = seg_sums.data() + t * kTopKBins;
-      for (int b = 0; b < kTopKBins; ++b) (*sum_squares)[b] += q[b];
+  if (seg.count > 1) {
+    for (int64_t t = 0; t < seg.count; ++t) {
+      const uint32_t* c = h.segment(t);
+      for (int b = 0; b < kTopKBins; ++b) h.counts[b] += c[b];
     }
   }
+  if (sq_norm) {
+    *sq_norm = 0.0;
+    for (int64_t t = 0; t < seg.count; ++t) *sq_norm += seg_sq[t];
+  }
   int64_t non_finite = 0;
-  for (uint32_t b = kFirstNonFiniteBin; b < kNoBin; ++b) non_finite += counts[b];
+  for (uint32_t b = kFirstNonFiniteBin; b < kNoBin; ++b) non_finite += h.counts[b];
   return non_finite;
+}
+
+// Scratch buffers of the calling thread, so that repeated calls neither allocate nor fault in
+// pages. (Bind a reference before a parallel region: inside it, each thread has its own.)
+TopKHistogram& scratch_histogram() {
+  thread_local TopKHistogram h;
+  return h;
+}
+
+std::vector<uint32_t>& scratch_low_counts() {
+  thread_local std::vector<uint32_t> low;
+  return low;
 }
 
 // Pass 2 over one segment: EF stores v; every entry of a bin >= top_bin is appended to
@@ -203,20 +228,76 @@ double gather_segment(Grad g, float* s, int64_t begin, int64_t end, float sign, 
   return below;
 }
 
+
+// Small tensors (n < kTopKSmallN): the same selection (keys > K, then ties at K to the lowest
+// indices) with K found by nth_element on a copy of the keys; one thread.
+TopKStats topk_encode_small(Grad grad, float* state, int64_t n, Feedback mode, int64_t k, float* values,
+                            int32_t* indices) {
+  TopKStats stats{0, 0.0, 0.0};
+  const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;
+  float v[kTopKSmallN];
+  uint32_t key[kTopKSmallN], order[kTopKSmallN];
+  float converted[kTopKSmallN];
+  const float* g = grad.block(0, n, converted);
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = g[i] + sign * state[i];
+    key[i] = abs_key(v[i]);
+    stats.non_finite += key[i] >= 0x7F800000u;
+  }
+  if (stats.non_finite > 0) return stats;
+  uint32_t last_key = 0xFFFFFFFFu;  // k == 0: above every key
+  int64_t ties = 0;
+  if (k > 0) {
+    std::memcpy(order, key, static_cast<size_t>(n) * sizeof(uint32_t));
+    std::nth_element(order, order + (k - 1), order + n, std::greater<uint32_t>());
+    last_key = order[k - 1];
+    ties = k;
+    for (int64_t i = 0; i < n; ++i) ties -= key[i] > last_key;
+  }
+  const bool ef = mode == Feedback::kEF;
+  int64_t q = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x2 = static_cast<double>(v[i]) * static_cast<double>(v[i]);
+    stats.sq_norm += x2;
+    const bool sent = key[i] > last_key || (key[i] == last_key && ties-- > 0);
+    if (!sent) {
+      stats.sq_error += x2;
+      if (ef) state[i] = v[i];
+      continue;
+    }
+    values[q] = v[i];
+    indices[q] = static_cast<int32_t>(i);
+    ++q;
+    if (ef) {
+      state[i] = 0.0f;
+    } else {
+      state[i] += v[i];
+    }
+  }
+  return stats;
+}
+
 }  // namespace
 
 TopKStats topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t k,
-                      float* values, int32_t* indices) {
+                      float* values, int32_t* indices, const TopKHistogram* reuse) {
   TopKStats stats{0, 0.0, 0.0};
   if (n <= 0) return stats;
   k = std::clamp<int64_t>(k, 0, n);
+  if (n < kTopKSmallN) return topk_encode_small(grad, state, n, mode, k, values, indices);
   const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;
   const Segments seg = segments_for(n);
 
-  // 1. Histogram; reject non-finite input before anything is written.
-  std::vector<uint32_t> seg_counts, counts;
-  stats.non_finite = histogram(grad, state, seg, sign, seg_counts, counts, nullptr);
-  if (stats.non_finite > 0) return stats;
+  // 1. Histogram (or the profile's); reject non-finite input before anything is written. A kept
+  // histogram has no non-finite entry (error_profile keeps none then).
+  const TopKHistogram* hist = reuse;
+  if (hist == nullptr || hist->n != n || hist->mode != mode || hist->segments != seg.count) {
+    TopKHistogram& scratch = scratch_histogram();
+    stats.non_finite = histogram(grad, state, n, mode, seg, scratch, nullptr);
+    if (stats.non_finite > 0) return stats;
+    hist = &scratch;
+  }
+  const std::vector<uint32_t>& counts = hist->counts;
 
   // The bin T of the k-th largest: bins above T are all sent, `need` of bin T's entries are.
   uint32_t top_bin = kNoBin;
@@ -234,7 +315,7 @@ TopKStats topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t
   std::vector<int64_t> list_begin(seg.count + 1, 0);
   for (int64_t t = 0; t < seg.count; ++t) {
     int64_t c = 0;
-    const uint32_t* h = seg_counts.data() + t * kTopKBins;
+    const uint32_t* h = hist->segment(t);
     for (uint32_t b = top_bin; b < kNoBin; ++b) c += h[b];
     list_begin[t + 1] = list_begin[t] + c;
   }
@@ -254,7 +335,8 @@ TopKStats topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t
   }
 
   // 3. Resolve bin T: a histogram of the low 16 key bits of its candidates, per segment.
-  std::vector<uint32_t> seg_low(static_cast<size_t>(seg.count) * kTopKBins, 0);
+  std::vector<uint32_t>& seg_low = scratch_low_counts();
+  seg_low.assign(static_cast<size_t>(seg.count) * kTopKBins, 0);
 #pragma omp parallel for schedule(static, 1) num_threads(seg.count) if (seg.count > 1)
   for (int64_t t = 0; t < seg.count; ++t) {
     uint32_t* h = seg_low.data() + t * kTopKBins;
@@ -323,48 +405,108 @@ TopKStats topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t
   return stats;
 }
 
-void profile_from_histogram(const uint32_t* counts, const double* sum_squares, const int64_t* ks,
-                            int64_t R, double* errors) {
-  // below[b] = sum of squares of bins < b; taken_above[b] = entries in bins >= b.
-  std::vector<double> below(kTopKBins + 1, 0.0);
-  std::vector<int64_t> at_or_above(kTopKBins + 1, 0);
-  for (int b = 0; b < kTopKBins; ++b) below[b + 1] = below[b] + sum_squares[b];
-  for (int b = kTopKBins - 1; b >= 0; --b) at_or_above[b] = at_or_above[b + 1] + counts[b];
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t k = ks[r];
-    if (k <= 0) {
-      errors[r] = below[kTopKBins];
-      continue;
+void profile_from_histogram(const uint32_t* counts, double sq_norm, const int64_t* ks, int64_t R,
+                            double* errors) {
+  // The bin T_r of each k-th largest (and how many of its entries are not taken), from the top ...
+  std::vector<int64_t> order(R);
+  for (int64_t r = 0; r < R; ++r) order[r] = r;
+  std::sort(order.begin(), order.end(), [ks](int64_t a, int64_t b) { return ks[a] < ks[b]; });
+  std::vector<int64_t> top(R, -1), untaken(R, 0);
+  int64_t above = 0, r = 0;  // ks ascending: their bins descend
+  while (r < R && ks[order[r]] <= 0) ++r;
+  const int64_t first = r;  // order[0, first): k = 0
+  for (int64_t b = kTopKBins - 1; b >= 0 && r < R; --b) {
+    above += counts[b];
+    for (; r < R && ks[order[r]] <= above; ++r) {
+      top[order[r]] = b;
+      untaken[order[r]] = above - ks[order[r]];
     }
-    if (k >= at_or_above[0]) {
-      errors[r] = 0.0;
-      continue;
+  }
+  // ... then, from the bottom, every unsent entry as the largest |v| of its bin (never less than it).
+  int64_t next = R - 1;  // order[next]: the largest k not yet finished, i.e. the lowest bin
+  double below = 0.0;
+  for (int64_t b = 0; b < kTopKBins && next >= first; ++b) {
+    const double edge = static_cast<double>(float_from_bits((static_cast<uint32_t>(b + 1) << 16) - 1u));
+    for (; next >= first && top[order[next]] == b; --next) {
+      errors[order[next]] = below + static_cast<double>(untaken[order[next]]) * edge * edge;
     }
-    // The bin T of the k-th largest: the largest b with at_or_above[b] >= k.
-    int64_t lo = 0, hi = kTopKBins - 1;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (at_or_above[mid] >= k) lo = mid; else hi = mid - 1;
-    }
-    const int64_t taken = k - at_or_above[lo + 1];
-    const int64_t untaken = counts[lo] - taken;
-    errors[r] = below[lo] + (untaken == 0 ? 0.0 : sum_squares[lo] * (static_cast<double>(untaken) / counts[lo]));
+    below += static_cast<double>(counts[b]) * edge * edge;
+  }
+  for (int64_t q = 0; q < R; ++q) {
+    if (ks[q] <= 0) errors[q] = sq_norm;           // nothing sent: exact
+    else if (top[q] < 0) errors[q] = 0.0;          // k >= n: everything sent
   }
 }
 
-TopKStats error_profile(Grad grad, const float* state, int64_t n, Feedback mode,
-                        const int64_t* ks, int64_t R, double* errors) {
+namespace {
+
+// Small tensors: exact errors from the squares sorted ascending (the unsent are the n - k smallest).
+void profile_small(const float* v, int64_t n, const int64_t* ks, int64_t R, double* errors, double* sq_norm) {
+  std::vector<double> below(n + 1, 0.0);
+  for (int64_t i = 0; i < n; ++i) below[i + 1] = static_cast<double>(v[i]) * static_cast<double>(v[i]);
+  std::sort(below.begin() + 1, below.end());
+  for (int64_t i = 0; i < n; ++i) below[i + 1] += below[i];  // below[m]: sum of the m smallest squares
+  for (int64_t r = 0; r < R; ++r) errors[r] = below[n - std::clamp<int64_t>(ks[r], 0, n)];
+  *sq_norm = below[n];
+}
+
+// ||v||^2 and the count of non-finite entries, without a histogram (for R == 0).
+TopKStats norm_only(Grad grad, const float* state, int64_t n, float sign) {
   TopKStats stats{0, 0.0, 0.0};
-  const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;
-  std::vector<uint32_t> seg_counts, counts(kTopKBins, 0);
-  std::vector<double> sum_squares(kTopKBins, 0.0);
-  if (n > 0) {
-    stats.non_finite = histogram(grad, state, segments_for(n), sign, seg_counts, counts, &sum_squares);
-    if (stats.non_finite > 0) return stats;
+  const Segments seg = segments_for(n);
+  std::vector<double> seg_sq(seg.count, 0.0);
+  std::vector<int64_t> seg_bad(seg.count, 0);
+#pragma omp parallel for schedule(static, 1) num_threads(seg.count) if (seg.count > 1)
+  for (int64_t t = 0; t < seg.count; ++t) {
+    alignas(64) uint16_t bin[kBlock];
+    alignas(64) float converted[kBlock];
+    for (int64_t b = seg.begin(t); b < seg.end(t); b += kBlock) {
+      const int64_t len = std::min(kBlock, seg.end(t) - b);
+      seg_sq[t] += bin_square_block(grad.block(b, len, converted), state + b, len, sign, bin);
+      for (int64_t i = 0; i < len; ++i) seg_bad[t] += bin[i] >= kFirstNonFiniteBin;
+    }
   }
-  for (int b = 0; b < kTopKBins; ++b) stats.sq_norm += sum_squares[b];  // ||v||^2 by bins
-  profile_from_histogram(counts.data(), sum_squares.data(), ks, R, errors);
-  stats.sq_error = 0.0;
+  for (int64_t t = 0; t < seg.count; ++t) {
+    stats.sq_norm += seg_sq[t];
+    stats.non_finite += seg_bad[t];
+  }
+  return stats;
+}
+
+}  // namespace
+
+TopKStats error_profile(Grad grad, const float* state, int64_t n, Feedback mode,
+                        const int64_t* ks, int64_t R, double* errors, TopKHistogram* keep) {
+  TopKStats stats{0, 0.0, 0.0};
+  if (keep != nullptr) {
+    keep->segments = 0;
+    ++keep->generation;
+  }
+  if (n <= 0) {
+    for (int64_t r = 0; r < R; ++r) errors[r] = 0.0;
+    return stats;
+  }
+  const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;
+  if (R == 0) return norm_only(grad, state, n, sign);
+  if (n < kTopKSmallN) {
+    float v[kTopKSmallN];
+    float converted[kTopKSmallN];
+    const float* g = grad.block(0, n, converted);
+    for (int64_t i = 0; i < n; ++i) {
+      v[i] = g[i] + sign * state[i];
+      stats.non_finite += abs_key(v[i]) >= 0x7F800000u;
+    }
+    if (stats.non_finite > 0) return stats;
+    profile_small(v, n, ks, R, errors, &stats.sq_norm);
+    return stats;
+  }
+  TopKHistogram& h = keep != nullptr ? *keep : scratch_histogram();
+  stats.non_finite = histogram(grad, state, n, mode, segments_for(n), h, &stats.sq_norm);
+  if (stats.non_finite > 0) {
+    h.segments = 0;  // nothing to reuse
+    return stats;
+  }
+  profile_from_histogram(h.counts.data(), stats.sq_norm, ks, R, errors);
   return stats;
 }
 
