@@ -21,6 +21,11 @@ Ops covered so far:
             torch.topk(v.abs(), k); v.gather; h[idx] += vals``.
   profile16 error profile for 16 densities geometric from 1e-4 to 1 (one histogram pass) vs
             torch: ``v = g - h``, one sort of ``v**2`` and a cumulative sum read at the 16 ks.
+  prof+topk the plugin's per-tensor pair at the density: ``topk_profile`` at 16 densities (incl. this
+            one) then ``topk_encode`` reusing the profile's histogram (one pass over v fewer). Its
+            "x torch" column is against the same two ops unfused (the encode builds its own
+            histogram), not torch; what profiling adds on top of the encode is this row's time
+            minus ef_topk's, in floors.
   qsgd4_ef  fused EF QSGD encode, 4 bits, buckets of 512 (payload + state update) vs torch:
             ``v = g + e``, bucket norms, ``floor(|v| / N * 7 + rand)``, ``e = v - Q(v)``, nibble packing.
   sign_ef   fused EF scaled-sign encode, buckets of 512, vs torch: ``v = g + e``, bucket mean |v|,
@@ -40,7 +45,7 @@ from collections.abc import Callable
 import torch
 
 from kimad.bench.machine import cpu_model
-from kimad.ops import error_profile, qsgd_encode, sign_encode, sparse_sum, topk_encode
+from kimad.ops import error_profile, qsgd_encode, sign_encode, sparse_sum, topk_encode, topk_profile
 
 
 def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warmup: bool = True) -> float:
@@ -128,7 +133,7 @@ def bench_profile16(d: int, repeats: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(2)
     grad = torch.randn(d, generator=g).to(device)
     h = (0.1 * torch.randn(d, generator=g)).to(device)
-    ks = sorted({min(d, max(1, round(d * 10 ** (-4 + 4 * i / 15)))) for i in range(16)})
+    ks = profile_ks(d)
     a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
 
     def torch_profile():
@@ -143,6 +148,36 @@ def bench_profile16(d: int, repeats: int, device: torch.device) -> dict:
     ref = median_ms(torch_profile, max(1, repeats // 3), device) if d < 25_000_000 else \
         median_ms(torch_profile, 1, device, warmup=False)
     return _row("profile16", d, 1.0, ours, floor, ref)
+
+
+def profile_ks(d: int, k: int | None = None) -> list[int]:
+    """16 candidate ks at densities geometric from 1e-4 to 1 (plus k when given), ascending."""
+    return sorted({min(d, max(1, round(d * 10 ** (-4 + 4 * i / 15)))) for i in range(16)} | ({k} if k else set()))
+
+
+def bench_profile_encode(d: int, density: float, repeats: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(5)
+    k = max(1, int(d * density))
+    grad = torch.randn(d, generator=g).to(device)
+    h = (0.1 * torch.randn(d, generator=g)).to(device)
+    ks = profile_ks(d, k)
+    a, b, c = torch.randn(d, device=device), torch.randn(d, device=device), torch.empty(d, device=device)
+    buffer = None
+
+    def fused():
+        nonlocal buffer
+        profile = topk_profile(grad, h, ks, mode="ef21", buffer=buffer)
+        buffer = profile.buffer  # refilled next time, as kimad.feedback does per tensor
+        return topk_encode(grad, h, k, mode="ef21", profile=profile)
+
+    def unfused():
+        error_profile(grad, h, ks, mode="ef21")
+        return topk_encode(grad, h, k, mode="ef21")
+
+    floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
+    ours = median_ms(fused, repeats, device)
+    ref = median_ms(unfused, repeats, device)
+    return _row("prof+topk", d, density, ours, floor, ref)
 
 
 def _buckets(v: torch.Tensor, bucket: int) -> torch.Tensor:
@@ -232,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         reps = args.repeats if d <= 25_000_000 else max(3, args.repeats // 3)
         for density in densities:
             for row in (bench_decode(d, density, 8, reps, device),
-                        bench_ef_topk(d, density, reps, device)):
+                        bench_ef_topk(d, density, reps, device),
+                        bench_profile_encode(d, density, reps, device)):
                 rows.append(row)
                 print_row(row)
         for row in (bench_profile16(d, reps, device), bench_qsgd4_ef(d, reps, device),

@@ -25,8 +25,9 @@ needs all gradients at once (one plan for the whole step), so:
    in the same order and nothing deadlocks):
 
    a. error feedback (:mod:`kimad.feedback`) forms ``v`` per tensor (EF21 ``g - h``, EF ``g + e``, or ``g``);
-   b. :func:`kimad.ops.error_profile` gives ``||v||^2`` and the top-k errors at the controller's densities
-      (and :func:`kimad.ops.quant_error_estimate` the QSGD 8/4/2-bit and sign errors, when offered);
+   b. :func:`kimad.ops.topk_profile` gives ``||v||^2`` and the top-k errors at the controller's densities
+      (and :func:`kimad.ops.quant_error_estimate` the QSGD 8/4/2-bit and sign errors, when offered); its
+      histogram pass is kept (per tensor, in :class:`~kimad.feedback.ErrorFeedback`) for step d;
    c. ONE float64 allgather (name ``kimad.agree``; half the latency terms of a ring allreduce) of each
       rank's profiles, its timings of the previous step's allgather and allreduce and its compute time;
       every rank averages the rows in rank order, so all get bit-identical figures.
@@ -38,7 +39,7 @@ needs all gradients at once (one plan for the whole step), so:
       plans from the same averaged profiles and samples, so the plans are identical
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
-      state) into the exact wire format of :mod:`kimad.compressors.topk`; QSGD and sign tensors with
+      state; it starts from step b's histogram, so v is read twice per step, not three times) into the exact wire format of :mod:`kimad.compressors.topk`; QSGD and sign tensors with
       :func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode` (same state update; QSGD's draws
       keyed by step, tensor and rank) into the layout of :mod:`kimad.compressors.quant`, in buckets of
       ``DEFAULT_BUCKET`` elements; dense tensors (``v``) are concatenated into one float32 buffer;

@@ -339,7 +339,7 @@ def topk_profile(
     the float32 keys of ``|v|``, each unsent entry counted as the largest ``|v|`` of its bin: never
     an underestimate, and above the exact error by less than a factor ``1 + 2^-6 + 2^-14``
     (values within one bin differ by less than a factor ``1 + 2^-7``; entries below ``2^-126``
-    add less than ``2^-252`` each). On the CPU the histogram is kept for :func:`topk_encode`
+    add less than ``2^-252`` each), and never above ``||v||^2``. On the CPU the histogram is kept for :func:`topk_encode`
     (``profile=``), which then skips that pass.
 
     Args:

@@ -193,6 +193,7 @@ def test_error_profile_is_within_the_documented_bound(case, fractions, large):
             assert err == 0.0
         else:
             assert exact * (1 - 1e-12) - 1e-30 <= err <= exact * UPPER * (1 + 1e-12) + 1e-30, f"k={k}"
+            assert err <= sq_norm
 
 
 def test_error_profile_of_a_small_tensor_is_exact():

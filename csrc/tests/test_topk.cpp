@@ -188,6 +188,16 @@ TEST(ErrorProfile, ExactAtTheEndsAndWithinTheBoundInside) {
   }
 }
 
+TEST(ErrorProfile, NeverAboveTheNorm) {
+  // Every |v| at the bottom of its bin: counted at the bin's top, 9999 of them would exceed ||v||^2.
+  const std::vector<float> g(10000, 1.0f), s(10000, 0.0f);
+  const int64_t k = 1;
+  double err = -1.0;
+  const auto st = kimad::cpu::error_profile(g.data(), s.data(), 10000, Feedback::kEF, &k, 1, &err);
+  EXPECT_EQ(st.sq_norm, 10000.0);
+  EXPECT_EQ(err, 10000.0);  // exact 9999: within the bound, and clamped to the norm
+}
+
 TEST(ErrorProfile, SmallTensorsAreExact) {
   const size_t n = 3000;  // < kTopKSmallN: sorted squares
   for (bool ties : {false, true}) {

@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=1e-4,
                    help="kimad: sparsest top-k density of the menus' geometric grid; static: THE density "
                         "(default: 1e-4)")
+    p.add_argument("--compressors", nargs="+", choices=("topk", "qsgd", "sign"), default=["topk"],
+                   help="kimad (not static): compressors the plans may use besides dense: top-k at the "
+                        "density grid, QSGD 8/4/2-bit, scaled sign (default: topk)")
     # --step-log: horovodrun reads a bare --log after the command as an abbreviation of its own options.
     p.add_argument("--log", "--step-log", dest="log", default=None,
                    help="rank 0 appends one JSON line per step and per evaluation here (alias --step-log)")
@@ -128,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         from kimad.horovod import Kimad
 
         densities = (args.density,) if args.allocator == "static" else geometric_densities(lo=args.density)
+        compressors = ("topk",) if args.allocator == "static" else tuple(args.compressors)
         compression = Kimad(model.named_parameters(), budget_s=args.budget, allocator=args.allocator,
-                            densities=densities, log_every=args.log_every)
+                            densities=densities, compressors=compressors, log_every=args.log_every)
     else:
         compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)

@@ -428,7 +428,8 @@ void profile_from_histogram(const uint32_t* counts, double sq_norm, const int64_
   for (int64_t b = 0; b < kTopKBins && next >= first; ++b) {
     const double edge = static_cast<double>(float_from_bits((static_cast<uint32_t>(b + 1) << 16) - 1u));
     for (; next >= first && top[order[next]] == b; --next) {
-      errors[order[next]] = below + static_cast<double>(untaken[order[next]]) * edge * edge;
+      // (The exact error never exceeds ||v||^2, so neither need the bound.)
+      errors[order[next]] = std::min(sq_norm, below + static_cast<double>(untaken[order[next]]) * edge * edge);
     }
     below += static_cast<double>(counts[b]) * edge * edge;
   }

@@ -78,7 +78,8 @@ TopKStats topk_encode(Grad grad, float* state, int64_t n, Feedback mode, int64_t
 //   (the bins below the k-th largest, and the untaken share of its bin) counts as the largest
 //   |v| of its bin. Within one bin |v| varies by less than a factor 1 + 2^-7 (7 mantissa bits are
 //   fixed), so this never underestimates and overestimates by less than a factor
-//   1 + 2^-6 + 2^-14 (for the subnormal bins, |v| < 2^-126, by less than 2^-252 per entry).
+//   1 + 2^-6 + 2^-14 (for the subnormal bins, |v| < 2^-126, by less than 2^-252 per entry), and
+//   never exceeds ||v||^2.
 //   `keep` (may be null) receives the histogram for topk_encode's `reuse` (left empty,
 //   segments == 0, when no histogram was built); its buffers are reused when already sized, so
 //   a caller keeping one per tensor across steps allocates nothing after the first.
