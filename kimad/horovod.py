@@ -163,6 +163,9 @@ class Kimad:
         min_byte_share: the share of the budget always left for bytes when the collectives' latencies alone
             would eat more (default 0.5): the step then overruns the budget (``over_budget`` in
             :attr:`metrics`) instead of sending nearly nothing. 0 keeps to the budget strictly.
+        fill_budget: grow the plan's top-k messages by one common factor into what the allocator left of the
+            budget (:func:`kimad.control.controller.fill_budget`; default True): the density grid is
+            geometric, so without it a plan can land up to a grid step under the budget.
         metrics_path: append one JSON line of :attr:`metrics` per step (rank 0 only, unless the path
             contains ``{rank}``). Besides plan and link figures, :attr:`metrics` times this rank's step,
             seconds: ``profile_s`` (error feedback + error profiles), ``plan_s`` (controller),
@@ -189,8 +192,8 @@ class Kimad:
                  compressors: Iterable[str] = ("topk",), error_feedback: str | None = "ef21",
                  densities: Iterable[float] | None = None, min_compress_numel: int = 1024, op=None,
                  bandwidth_bps: float | None = None, latency_s: float | None = None,
-                 min_byte_share: float = 0.5, metrics_path: str | None = None, log_every: int = 0,
-                 tensorboard_dir: str | None = None) -> None:
+                 min_byte_share: float = 0.5, fill_budget: bool = True, metrics_path: str | None = None,
+                 log_every: int = 0, tensorboard_dir: str | None = None) -> None:
         compressors = tuple(compressors)
         unknown = [c for c in compressors if c not in SUPPORTED_COMPRESSORS]
         if unknown:
@@ -217,7 +220,8 @@ class Kimad:
             raise KimadError("latency_s is only used with bandwidth_bps (a fixed link model)")
         self.controller = Controller(world_size=self.world_size, budget=budget_s, allocator=allocator,
                                      compressors=compressors, densities=densities,
-                                     min_compress_numel=min_compress_numel, estimator=estimator, batched=True)
+                                     min_compress_numel=min_compress_numel, estimator=estimator, batched=True,
+                                     fill=fill_budget)
         self.budget = self.controller.budget  # the user's: FixedBudget or AutoBudget
         self.controller.budget = _BytesBudget(self.budget)
         if op is None:

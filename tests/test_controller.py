@@ -172,3 +172,47 @@ def test_static_says_over_budget_exactly_when_its_plan_is_predicted_to_overrun()
 def test_static_needs_topk_and_exactly_one_density(kwargs):
     with pytest.raises(ControllerError, match="static"):
         Controller(world_size=2, budget=1.0, allocator="static", **{"densities": (0.1,), **kwargs})
+
+
+def filled(allocator: str, budget_s: float) -> tuple:
+    plain = controller(allocator, budget_s)
+    grown = controller(allocator, budget_s)
+    grown.fill = True
+    return plain.plan(profiles(), step=0), grown.plan(profiles(), step=0), grown.cost_model()
+
+
+@pytest.mark.parametrize("allocator", ["layerwise", "uniform"])
+@pytest.mark.parametrize("budget_s", [0.0025, 0.004, 0.008])
+def test_fill_grows_top_k_by_one_factor_into_the_budget(allocator, budget_s):
+    from kimad.compressors.wire import MessageFormat, message_bytes
+
+    plain, grown, cost = filled(allocator, budget_s)
+    assert not plain.over_budget and plain.total_time_s < budget_s
+    assert plain.total_time_s <= grown.total_time_s <= budget_s * (1 + 1e-12)
+    numels = {p.name: p.numel for p in profiles()}
+    factors = []
+    for before, after in zip(plain.entries, grown.entries):
+        assert after.level == before.level and after.error == before.error
+        if before.fmt is not MessageFormat.TOPK:
+            assert after == before
+            continue
+        n = numels[after.name]
+        denser = [round(d * n) for d in DENSITIES if round(d * n) > before.k]
+        assert before.k <= after.k <= (min(denser) if denser else n)  # never past the next grid point
+        assert after.bytes == message_bytes(MessageFormat.TOPK, n, k=after.k)
+        assert after.time_s == cost.option_time(MessageFormat.TOPK, n, k=after.k)
+        if after.k < (min(denser) if denser else n):
+            factors.append(after.k / before.k)
+    # One common factor (each k rounded down); and the slack is spent: one entry more would overrun.
+    assert max(factors) - min(factors) < 0.01 * max(factors)
+    assert grown.total_time_s > budget_s * 0.97
+
+
+def test_fill_leaves_over_budget_and_static_plans_alone():
+    over = controller("layerwise", 1e-6)
+    over.fill = True
+    plan = over.plan(profiles(), step=0)
+    assert plan.over_budget and all(e.label in {"dense32", "topk0.001"} for e in plan.entries)
+    static = Controller(world_size=4, budget=1.0, allocator="static", densities=(0.01,), fill=True)
+    one_density = [TensorProfile(p.name, p.numel, p.sq_norm, p.topk_errors[4:5]) for p in profiles()]  # 0.01
+    assert {e.label for e in static.plan(one_density, step=0).entries} == {"topk0.01", "dense32"}

@@ -298,7 +298,7 @@ def test_topk_ef21_trains_digits_within_a_few_points_of_uncompressed():
           f"{r['kimad_accuracy']:.3f} at {r['kimad_median_bytes'] / r['dense_bytes']:.1%} of the dense bytes")
     assert r["kimad_median_bytes"] < 0.25 * r["dense_bytes"]
     assert r["plain_accuracy"] > 0.9
-    assert r["kimad_accuracy"] > r["plain_accuracy"] - 0.03
+    assert r["kimad_accuracy"] > r["plain_accuracy"] - 0.02  # 3 epochs; run-to-run noise is about 2 points
 
 
 @pytest.mark.horovod

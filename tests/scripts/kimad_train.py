@@ -35,7 +35,7 @@ def train(model, opt, shard, steps_per_epoch, epochs, batch_size, seed, rank, on
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--budget", type=float, default=2e-3)
     args = p.parse_args()
     hvd.init()
