@@ -17,7 +17,7 @@ to align with ``kimad.emulate --log``), ``loss`` (rank 0's batch), ``step_s``, `
 bytes this rank hands to the collectives: 4 per element uncompressed, 2 with fp16, Kimad's exact
 message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the user's budget),
 ``comm_s`` / ``predicted_comm_s`` (the timed allgather + allreduce and the plan's prediction),
-``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included) and ``density`` (per tensor: top-k density, 1.0 dense). Every ``--eval-every-s``
+``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), ``prev_link_agree_s``, ``density`` (per tensor: fraction of entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every ``--eval-every-s``
 seconds of training (and at the end) every rank evaluates and rank 0 logs
 ``{"eval": true, "step": ..., "t": ..., "train_s": ..., "wall": ..., "accuracy": ...}`` (digits) or the
 same with ``"val_loss"`` (nats per token) in place of ``"accuracy"`` (language model). ``--max-seconds``
@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                 m = compression.metrics
                 entry.update(bytes=m["actual_bytes"], bandwidth_bps=m["bandwidth_bps"], latency_s=m["latency_s"],
                              budget_s=m["budget_s"], comm_s=m["actual_comm_s"],
-                             prev_link_comm_s=m["prev_link_comm_s"], issued_latency_s=m["issued_latency_s"],
+                             prev_link_comm_s=m["prev_link_comm_s"], prev_link_agree_s=m["prev_link_agree_s"],
+                             issued_latency_s=m["issued_latency_s"],
                              predicted_comm_s=m["predicted_comm_s"], over_budget=m["over_budget"],
                              kimad_step_s=m["kimad_step_s"],
-                             density={n: 1.0 if t["option"] == "dense32" else float(t["option"][len("topk"):])
-                                      for n, t in m["tensors"].items()})
+                             density={n: t["density"] for n, t in m["tensors"].items()},
+                             bits={n: t["bits"] for n, t in m["tensors"].items()})
             write(entry)
             step_count += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -10,29 +10,41 @@ the same formulas the cost model predicts with), ``alpha`` the per-message laten
 2. Fit ``alpha`` and ``beta`` jointly by weighted least squares (Gauss-Newton) on the log residual
    ``r = log(measured / predicted)``: a 1 KB and a 100 MB message count alike, a link 5x slower than
    predicted pulls as hard as one 5x faster, and multiplicative timing noise leaves no bias.
-3. Reweigh robustly: from two starting fits (Huber fits of the whole window and of its last
-   half-life), Tukey biweight iterations give zero weight to samples more than ``outlier_cutoff``
-   robust standard deviations (``1.4826 * weighted MAD`` of ``r``) from the fit; the fit with the
-   smaller weighted median ``|r|`` wins. Zero-weight samples are counted in ``outliers``. A stalled
-   rank's single huge duration is thus ignored; on its own this fit follows a step change in the
-   link once the new samples carry most of the weight (about one half-life), step 5 makes it faster.
+3. Reweigh robustly, knowing that stalls only ever inflate a duration: a rank descheduled inside a ring
+   collective stalls every rank, often for several steps in a row, so the link time is the lower envelope
+   of the measurements. The noise scale is read off the fast tail of ``r``: the spread between its 5% and
+   30% weighted quantiles (1.12 standard deviations of a normal), which stalls widen by at most 1.4x while
+   they hold under half the weight, and which cannot shrink onto a fit through a few samples; it is weighed
+   over three half-lives (the noise is the machine's, not the link's), and while those weights count fewer
+   than 12 samples (Kish) it is at least ``1.4826 * weighted MAD`` of ``r`` about its median. Three starts
+   -- Huber fits of the whole window and of its last half-life, and the last estimate -- each lead Tukey
+   biweight iterations that give zero weight to samples more than ``outlier_cutoff`` noise scales from the
+   fit. The fit kept is the one with the smallest weighted median of ``r`` if slower than the fit and
+   ``2 |r|`` if faster (a sample faster than a fit is evidence against it, a slower one may be a stall),
+   weighed over two half-lives, so that a burst of stalled steps cannot outvote the link; the last
+   estimate as a start keeps the fit where it was while the burst lasts. Zero-weight samples are counted
+   in ``outliers``. On its own this fit follows a step change in the link once the new samples carry most
+   of the (two half-life) weight; step 5 makes it faster.
 4. If the samples do not separate ``alpha`` from ``beta`` (all of about one size, so ``X / T`` is the
    same everywhere), or the joint fit is unphysical (``alpha < 0`` or ``beta <= 0``), keep the last
    identified latency (initially the prior) and fit ``beta`` alone; failing that, ``alpha = 0``.
-5. Regime change. Walk back from the newest sample over those whose ``r`` against the fit has the
-   newest one's sign and exceeds the threshold; samples that spend under half their predicted time
-   on bits may sit in this run (they cannot see a bandwidth change), any other sample ends it. The
-   run is a new regime if it holds at least ``change_samples`` (>= 3) such samples, spans at least
-   ``0.2 * half_life_steps`` steps (1 step at the default 5) and older samples precede it. It is
-   found against the current fit with a 10% threshold, then confirmed against a fit of the samples
-   before it, with threshold ``max(change_sigmas * 1.4826 * MAD, log 1.1)`` of *their* residuals
-   (the current fit, already leaning to the new samples, would inflate the spread). On a change the
-   samples before the run are dropped and the fit is redone; for ``2 * half_life_steps`` steps the
-   latency is then held at the inverse-variance pool of the old regime's latency and the new samples'
-   joint estimate (a bandwidth change leaves the latency, and a few samples identify it poorly).
-   A single stalled sample, or isolated ones, never form a run of 3, so they cannot trigger this;
-   ``regime_changes`` counts the changes. Detection is evaluated when an estimate is asked for: ask
-   every step (as the controller does) for the fastest reaction.
+5. Regime change. Only samples that spend at least half their predicted time on bits can see a bandwidth
+   change; the others are skipped. Walk back from the newest such sample over those whose ``r`` against
+   the fit has its sign and exceeds the threshold; the first one that does not ends the run. The run is a
+   new regime if it holds at least ``change_samples`` (>= 3) such samples, older samples precede it and
+   it spans at least ``0.2 * half_life_steps`` steps (1 step at the default 5) when the samples got
+   faster -- nothing but a faster link makes a collective faster -- but more than ``stall_steps`` steps
+   (4: at least 5 steps) when they got slower, so that a burst of stalled steps no longer than that never
+   resets the fit. It is found against the current fit with a 10% threshold, then confirmed against a fit
+   of the samples before it, with threshold ``max(change_sigmas * noise scale, log 1.1)`` of *their*
+   residuals (the noise scale of step 3, every sample weighing alike; the current fit, already leaning
+   to the new samples, would inflate the spread). On a change the samples before the run are dropped and
+   the fit is redone; for ``2 * half_life_steps`` steps the latency is then held at the inverse-variance
+   pool of the old regime's latency and the new samples' joint estimate (a bandwidth change leaves the
+   latency, and a few samples identify it poorly). ``regime_changes`` counts the changes. Detection is
+   evaluated when an estimate is asked for: ask every step (as the controller does) for the fastest
+   reaction. A stall burst straddling a slow-down counts towards its run: the new regime then starts
+   with the burst's stalled samples, which the fit outweighs within 2 more steps than a clean change needs.
 
 Samples that cannot be a real measurement -- a zero duration, or one implying more than
 ``max_bandwidth_bps`` -- are not fitted and are counted in ``rejected``. NaN, infinite or negative
@@ -59,6 +71,10 @@ _MIN_CHANGE = math.log(1.1)  # a regime change moves the link by more than 10%, 
 _CHANGE_HALF_LIVES = 0.2  # ... and lasts at least this many half-lives (1 step at the default 5)
 _HOLD_HALF_LIVES = 2.0  # after a regime change the old latency is held this many half-lives (few new samples)
 _MUTE_SHARE = 0.5  # a sample spending less of its time on bits than this cannot tell a bandwidth change apart
+_FAST_PENALTY = 2.0  # choosing a fit, a sample faster than it counts this much more than one as much slower
+_CHOICE_MEMORY = 2.0  # ... weighed with this many times the half-life: a stall burst must not outvote the link
+_SCALE_MEMORY = 3.0  # the noise scale is a property of the machine: read it over this many half-lives
+_SCALE_SAMPLES = 12.0  # below this Kish count the fast tail's quantiles are too few samples apart
 
 
 class EstimatorError(KimadError, ValueError):
@@ -100,6 +116,7 @@ class EstimatorState:
     outlier_cutoff: float = 5.0
     change_samples: int = 3
     change_sigmas: float = 4.0
+    stall_steps: int = 4
     samples: list = dataclasses.field(default_factory=list)
     step_now: int = 0
     rejected_zero_duration: int = 0
@@ -125,10 +142,23 @@ def _positive(name: str, value: float, allow_inf: bool = False) -> float:
     return value
 
 
-def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+def _weighted_median(x: np.ndarray, w: np.ndarray, quantile: float = 0.5) -> float:
     order = np.argsort(x)
     cum = np.cumsum(w[order])
-    return float(x[order][np.searchsorted(cum, 0.5 * cum[-1])])
+    return float(x[order][np.searchsorted(cum, quantile * cum[-1])])
+
+
+def _noise_scale(r: np.ndarray, w: np.ndarray) -> float:
+    """Robust standard deviation of the timing noise from log residuals ``r`` (weights ``w``), read off
+    their fast tail (step 3 of the module docstring): stalls only inflate durations, so the spread between
+    the 5% and 30% weighted quantiles (``1.12`` standard deviations of a normal) is mostly the noise's.
+    Measured between quantiles rather than about the fit, it cannot shrink onto a fit through a few samples."""
+    lo, hi = _weighted_median(r, w, 0.05), _weighted_median(r, w, 0.3)
+    scale = (hi - lo) / 1.12
+    if float(np.sum(w)) ** 2 < _SCALE_SAMPLES * float(np.sum(w * w)):
+        # too few samples for quantiles 25% apart: the whole spread (stalls included) is the safer guess
+        scale = max(scale, 1.4826 * _weighted_median(np.abs(r - _weighted_median(r, w)), w))
+    return max(scale, _MIN_REL_SCALE)
 
 
 class BandwidthEstimator:
@@ -144,11 +174,15 @@ class BandwidthEstimator:
         outlier_cutoff: samples farther than this many robust standard deviations from the fit get weight 0.
         change_samples: a regime change needs at least this many (>= 3) latest samples off the fit on one side.
         change_sigmas: ... each farther than this many robust standard deviations (and 10%) from the fit.
+        stall_steps: the longest burst of stalled steps to ride out: a run of slow samples is a slower link
+            only once it spans more than this many steps (faster samples need no such wait: stalls never
+            make a collective faster).
     """
 
     def __init__(self, *, initial_bandwidth_bps: float = 1e9, initial_latency_s: float = 50e-6,
                  half_life_steps: float = 5.0, window: int = 512, max_bandwidth_bps: float = 1e13,
-                 outlier_cutoff: float = 5.0, change_samples: int = 3, change_sigmas: float = 4.0) -> None:
+                 outlier_cutoff: float = 5.0, change_samples: int = 3, change_sigmas: float = 4.0,
+                 stall_steps: int = 4) -> None:
         if not math.isfinite(float(initial_latency_s)) or initial_latency_s < 0:
             raise EstimatorError(f"initial_latency_s must be a finite number >= 0 seconds, got {initial_latency_s!r}")
         if not isinstance(window, int) or window < 1:
@@ -156,6 +190,8 @@ class BandwidthEstimator:
         if not isinstance(change_samples, int) or isinstance(change_samples, bool) or change_samples < 3:
             raise EstimatorError(f"change_samples must be an int >= 3 samples (fewer lets outliers reset the fit), "
                                  f"got {change_samples!r}")
+        if not isinstance(stall_steps, int) or isinstance(stall_steps, bool) or stall_steps < 0:
+            raise EstimatorError(f"stall_steps must be an int >= 0 steps, got {stall_steps!r}")
         self.state = EstimatorState(
             initial_bandwidth_bps=_positive("initial_bandwidth_bps", initial_bandwidth_bps),
             initial_latency_s=float(initial_latency_s),
@@ -165,6 +201,7 @@ class BandwidthEstimator:
             outlier_cutoff=_positive("outlier_cutoff", outlier_cutoff),
             change_samples=change_samples,
             change_sigmas=_positive("change_sigmas", change_sigmas),
+            stall_steps=stall_steps,
         )
         self.state.bandwidth_bps = self.state.initial_bandwidth_bps
         self.state.latency_s = self.state.initial_latency_s
@@ -365,26 +402,35 @@ class BandwidthEstimator:
             u, joint = base, False
             for _ in range(iters):
                 r, q = residuals(alpha, beta)
-                t = np.abs(r) / max(1.4826 * _weighted_median(np.abs(r), base), _MIN_REL_SCALE)
+                t = np.abs(r) / _noise_scale(r, base ** (1.0 / _SCALE_MEMORY))
                 if tukey:
                     c = s.outlier_cutoff
-                    u = base * np.where(t < c, (1.0 - (t / c) ** 2) ** 2, 0.0)
+                    new_u = base * np.where(t < c, (1.0 - (t / c) ** 2) ** 2, 0.0)
                 else:
-                    u = base * np.minimum(1.0, _HUBER_C / np.maximum(t, 1e-300))
+                    new_u = base * np.minimum(1.0, _HUBER_C / np.maximum(t, 1e-300))
+                if not np.any(new_u > 0):  # every sample far off this fit: nothing to refit on
+                    break
+                u = new_u
                 # Gauss-Newton step on the log residual: log q' ~ log q + (q' - q) / q
                 alpha, beta, joint = solve(u / q ** 2, q * (1.0 + r))
             return alpha, beta, joint, u
 
-        # Two starts, the whole window and its last half-life; Tukey from each; keep the one with the
-        # smaller weighted median residual (least median of squares), so the estimate switches to a new
-        # link rate as soon as the new samples outweigh the old ones.
+        # Three starts: the whole window, its last half-life (so the estimate switches to a new link rate
+        # once the new samples outweigh the old ones) and the last estimate; Tukey from each; keep the one
+        # with the smallest weighted median of the one-sided residual over two half-lives (least median of
+        # squares, with faster samples counting double: stalls only make samples slower).
         recent = w * (data[:, 3] >= s.step_now - s.half_life_steps)
+        choice_w = w ** (1.0 / _CHOICE_MEMORY)
         best = None
-        for base in (w, recent):
-            start = solve(base)
-            start = reweigh(base, start[0], start[1], _HUBER_ITERS, tukey=False)
+        for base in (w, recent, None):
+            if base is None:  # the last estimate: a stall burst cannot drag a start that is not fitted to it
+                start = (held_alpha, held_beta)
+            else:
+                start = solve(base)
+                start = reweigh(base, start[0], start[1], _HUBER_ITERS, tukey=False)
             fit = reweigh(w, start[0], start[1], _TUKEY_ITERS, tukey=True)
-            lmeds = _weighted_median(np.abs(residuals(fit[0], fit[1])[0]), w)
+            r = residuals(fit[0], fit[1])[0]
+            lmeds = _weighted_median(np.where(r < 0, -_FAST_PENALTY * r, r), choice_w)
             if best is None or lmeds < best[0]:
                 best = (lmeds, fit)
         alpha, beta, joint, u = best[1]
@@ -401,13 +447,17 @@ class BandwidthEstimator:
             latency, seconds_per_bit = fit[0], fit[1]
             bits_time, predicted = seconds_per_bit * data[:, 1], latency * data[:, 0] + seconds_per_bit * data[:, 1]
             r = np.log(data[:, 2] / np.maximum(predicted, 1e-300))
-            side, count, start = np.sign(r[-1]), 0, len(r)
-            for i in range(len(r) - 1, -1, -1):
-                if np.sign(r[i]) == side and abs(r[i]) > threshold:
-                    count, start = count + 1, i
-                elif abs(r[i]) > threshold or bits_time[i] >= _MUTE_SHARE * predicted[i]:
+            informative = np.flatnonzero(bits_time >= _MUTE_SHARE * predicted)
+            if len(informative) == 0:
+                return 0
+            side, count, start = np.sign(r[informative[-1]]), 0, len(r)  # the newest sample that can see the link
+            for i in informative[::-1]:
+                if np.sign(r[i]) != side or abs(r[i]) <= threshold:
                     break
-            if count < s.change_samples or data[-1, 3] - data[start, 3] < _CHANGE_HALF_LIVES * s.half_life_steps:
+                count, start = count + 1, i
+            # a slower link must outlast a stall burst; nothing but a faster link makes samples faster
+            span = s.stall_steps if side > 0 else _CHANGE_HALF_LIVES * s.half_life_steps
+            if count < s.change_samples or data[-1, 3] - data[start, 3] < span:
                 return 0
             return start
 
@@ -418,8 +468,8 @@ class BandwidthEstimator:
         # ... confirmed against the fit of the samples before it, in units of their own robust spread.
         old = self._robust_fit(data[:candidate], w[:candidate])
         predicted = old[0] * data[:candidate, 0] + old[1] * data[:candidate, 1]
-        r_old = np.abs(np.log(data[:candidate, 2] / np.maximum(predicted, 1e-300)))
+        r_old = np.log(data[:candidate, 2] / np.maximum(predicted, 1e-300))
         if not np.any(old[3] > 0):
             return 0, None
-        scale = max(1.4826 * _weighted_median(r_old, old[3]), _MIN_REL_SCALE)
+        scale = _noise_scale(r_old, np.ones(candidate))
         return trailing_run(old, max(s.change_sigmas * scale, _MIN_CHANGE)), old

@@ -1,0 +1,123 @@
+"""Replay the link times of a real emulated-cluster run through a fresh BandwidthEstimator (a dev tool).
+
+    python benchmarks/estimator_replay.py [RUN_DIR ...] [--method kimad+] [--old REV] [--warmup N]
+
+Inputs, per run directory (written by ``python -m kimad.bench``): ``<method>.jsonl`` (one JSON line per
+step; evaluation rows are skipped) and ``rates-<method>.jsonl`` (the shaped rate over time, with wall
+clock). Each step's ``bytes`` (bytes per rank of its allgather) is paired with the next step's
+``prev_link_comm_s`` (that allgather's link time, seconds: the minimum over ranks) and fed as one
+allgather sample of world size 4 at the next step, the step at which the plugin learned it; then the
+estimate that step would plan with is read. The plugin's other samples (the small "agree" allgather that
+pins the latency, any allreduce) are not in these logs, so the replay fits latency and bandwidth from the
+allgathers alone.
+
+Output, per run and estimator (this worktree's ``kimad.control.estimator`` as "new", the one at git
+revision ``--old`` as "old", and the estimate the run itself logged as "logged"): the median absolute
+relative error of the bandwidth estimate against the shaped rate at the step's wall clock (MdAPE, over
+steps from ``--warmup`` on), the worst ratio estimate / rate (or its inverse) after warm-up, the share of
+steps within 15% and, after each rate change, the steps until the estimate is first within 15% of the new
+rate and until it stays there (``-`` when never).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUNS = [ROOT / "runs" / "e2e4-up", ROOT / "runs" / "e2e4-down"]
+WORLD = 4
+
+
+def load_estimator_class(rev: str | None):
+    """BandwidthEstimator of this worktree (``rev=None``) or of ``git show REV:kimad/control/estimator.py``."""
+    if rev is None:
+        sys.path.insert(0, str(ROOT))
+        from kimad.control.estimator import BandwidthEstimator
+        return BandwidthEstimator
+    source = subprocess.run(["git", "show", f"{rev}:kimad/control/estimator.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"estimator_{rev.replace('/', '_')}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module.BandwidthEstimator
+
+
+def read_run(run: Path, method: str) -> tuple[list[dict], list[tuple[float, float]]]:
+    """The run's training rows (in order) and its rate changes ``(wall clock s, bits/s)`` of node 0."""
+    rows = [json.loads(line) for line in (run / f"{method}.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if not r.get("eval") and "step" in r and "wall" in r]
+    rates = [json.loads(line) for line in (run / f"rates-{method}.jsonl").read_text().splitlines() if line.strip()]
+    changes = sorted((r["wall"], r["mbit"] * 1e6) for r in rates if r.get("node", 0) == 0)
+    return rows, changes
+
+
+def rate_at(changes: list[tuple[float, float]], wall: float) -> float:
+    current = changes[0][1]
+    for when, bps in changes:
+        if when <= wall:
+            current = bps
+    return current
+
+
+def replay(estimator_class, rows: list[dict]) -> list[float]:
+    """The bandwidth estimate (bits/s) each row's step would plan with."""
+    est = estimator_class()
+    estimates = []
+    for prev, row in zip([None] + rows[:-1], rows):
+        seconds = row.get("prev_link_comm_s")
+        if prev is not None and prev.get("bytes") is not None and seconds is not None:
+            est.add("allgather", WORLD, int(prev["bytes"]), float(seconds), int(row["step"]))
+        estimates.append(est.estimate().bandwidth_bps)
+    return estimates
+
+
+def score(rows: list[dict], estimates: list[float], changes: list[tuple[float, float]], warmup: int) -> dict:
+    rates = [rate_at(changes, r["wall"]) for r in rows]
+    kept = [(r["step"], e, bw) for r, e, bw in zip(rows, estimates, rates)
+            if r["step"] >= warmup and e is not None and e == e]
+    errors = [abs(e / bw - 1) for _, e, bw in kept]
+    result = {"mdape": statistics.median(errors), "within15": sum(x <= 0.15 for x in errors) / len(errors),
+              "worst": max(max(e / bw, bw / e) for _, e, bw in kept), "recovery": []}
+    for when, bps in changes[1:]:
+        after = [(r, e) for r, e in zip(rows, estimates) if r["wall"] >= when and e is not None]
+        if not after:
+            continue
+        ok = [abs(e / bps - 1) <= 0.15 for _, e in after]
+        first = next((i for i, x in enumerate(ok) if x), None)
+        stays = next((i for i in range(len(ok)) if all(ok[i:])), None)
+        result["recovery"].append((first, stays))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="*", type=Path, default=DEFAULT_RUNS, help="run directories")
+    p.add_argument("--method", default="kimad+", help="the method's log to replay (default kimad+)")
+    p.add_argument("--old", default="main", help="git revision of the old estimator (default main)")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the error figures (default 5)")
+    args = p.parse_args()
+    estimators = {"old": load_estimator_class(args.old), "new": load_estimator_class(None)}
+    print(f"{'run':<12} {'estimator':<9} {'MdAPE':>7} {'in 15%':>7} {'worst x':>8}  steps to within 15% "
+          "after each change (first / for good)")
+    for run in args.runs:
+        rows, changes = read_run(run, args.method)
+        candidates = {"logged": [r.get("bandwidth_bps") for r in rows]}
+        candidates.update({name: replay(cls, rows) for name, cls in estimators.items()})
+        for name, estimates in candidates.items():
+            s = score(rows, estimates, changes, args.warmup)
+            rec = ", ".join(f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in s["recovery"])
+            print(f"{run.name:<12} {name:<9} {s['mdape']:>7.1%} {s['within15']:>7.1%} {s['worst']:>8.1f}  {rec}")
+
+
+if __name__ == "__main__":
+    main()
