@@ -71,10 +71,12 @@ def _used_subnets() -> set[int]:
 
 
 def _rate_spec(mbit: float) -> list[str]:
-    """tbf arguments for ``mbit`` Mbit/s: burst of ~4 ms of traffic (>= 32 KiB) and a 200 ms queue
-    (with a 50 ms queue a 4-node run at 20 Mbit/s stalled Gloo for 30 s, likely drops + TCP back-off)."""
+    """tbf arguments for ``mbit`` Mbit/s: burst of 1 ms of traffic (>= 4 KiB) and a 200 ms queue
+    (with a 50 ms queue a 4-node run at 20 Mbit/s stalled Gloo for 30 s, likely drops + TCP back-off).
+    The burst is what a message gets through at the veth's speed before the rate applies: at 32 KiB
+    it let a 45 kB message cross a 20 Mbit/s link at ~40 Mbit/s, which no real 20 Mbit/s link does."""
     bits = mbit * 1e6
-    burst = max(32 * 1024, int(bits / 8 / 250))
+    burst = max(4 * 1024, int(bits / 8 / 1000))
     return ["tbf", "rate", f"{max(1, round(mbit * 1000))}kbit", "burst", str(burst), "latency", "200ms"]
 
 
