@@ -98,16 +98,17 @@ class ErrorFeedback:
         """:meth:`estimate` of ``c = scale * (sum of the ranks' top-k messages)``, given as ``(values, indices)``
         pairs in rank order for a tensor shaped like ``like``; a new float32 tensor of ``like``'s shape.
 
-        EF21 sums ``c`` in a reused buffer (no new tensor per step) and then ``H += c``: bitwise the
-        same ``H`` as :meth:`estimate` of a fresh ``c``. (Adding the messages straight into ``H``
-        rounds differently and measurably changed training, so the order is kept.)
+        EF21 adds ``c`` to ``H`` where the messages name an element only, each element's ``c`` summed
+        first (``sparse_sum(..., sum_first=True)``): bitwise the same ``H`` as :meth:`estimate` of a
+        fresh ``c`` (but an untouched ``-0.0`` stays ``-0.0``), without two passes over all of ``H``.
+        (Adding the messages one by one straight into ``H`` rounds differently and measurably changed
+        training, so the sum is formed first.)
         """
         if self.mode != "ef21":
             return ops.sparse_sum(torch.empty(like.shape, dtype=torch.float32, device=like.device), messages,
                                   scale=scale, name=name)
-        c = ops.sparse_sum(self._buffer(like), messages, scale=scale, name=name)  # overwrites every entry
         estimate = self._state(self.global_estimate, name, like).view(-1)
-        estimate.add_(c)
+        ops.sparse_sum(estimate, messages, scale=scale, sum_first=True, name=name)
         return estimate.clone().view(like.shape)
 
     def estimate_quantized(self, name: str, payloads: list[torch.Tensor], like: torch.Tensor, scale: float, *,

@@ -95,6 +95,7 @@ def sparse_sum(
     *,
     scale: float = 1.0,
     accumulate: bool = False,
+    sum_first: bool = False,
     name: str = "tensor",
 ) -> torch.Tensor:
     """Decode and sum several ranks' sparse messages in one native call.
@@ -114,6 +115,10 @@ def sparse_sum(
             positions in ``[0, out.numel())``.
         scale: multiplier of every value (e.g. ``1 / world_size`` to average).
         accumulate: add to ``out`` instead of overwriting it.
+        sum_first: ``out += c`` where ``c`` is the messages' sum formed first (``accumulate`` is then
+            implied): bitwise the same as ``sparse_sum`` into a fresh buffer ``c`` and ``out += c``,
+            but only the elements some message names are read or written (an untouched ``-0.0``
+            stays ``-0.0``; adding ``c``'s ``+0.0`` would make it ``+0.0``). EF21's ``H += c``.
         name: the tensor's name, used in error messages.
 
     Returns:
@@ -160,7 +165,7 @@ def sparse_sum(
             indices = indices.to(torch.int32)
         all_values.append(values.to(torch.float32).contiguous())
         all_indices.append(indices.contiguous())
-    rank, pos = native().sparse_sum(out, all_values, all_indices, float(scale), bool(accumulate))
+    rank, pos = native().sparse_sum(out, all_values, all_indices, float(scale), bool(accumulate), bool(sum_first))
     if rank >= 0:
         raise CorruptMessageError(f"message {rank} for {name!r} has index {int(all_indices[rank][pos]):,} at position "
                                   f"{pos:,}; the tensor has {out.numel():,} elements")

@@ -149,6 +149,31 @@ def test_sum_matches_reference_bit_for_bit(batch, accumulate):
     assert torch.equal(out, expected)
 
 
+@settings(max_examples=80, deadline=None)
+@given(batches())
+def test_sum_first_adds_the_sum_formed_first_bit_for_bit(batch):
+    # EF21's H += c: the same bits as summing into a fresh zero buffer and adding it (out's elements
+    # are nonzero here; an untouched -0.0 would stay -0.0, see the next test).
+    numel, idx_lists, seed, scale = batch
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(numel, generator=g)
+    messages = [(torch.randn(len(idx), generator=g), torch.tensor(idx, dtype=torch.int32)) for idx in idx_lists]
+    expected = out + reference_sum(out, messages, scale, accumulate=False)
+    sparse_sum(out, messages, scale=scale, sum_first=True)
+    assert torch.equal(out, expected)
+
+
+def test_sum_first_leaves_unnamed_elements_alone_and_checks_before_writing():
+    out = torch.tensor([-0.0, 10.0, -0.0])
+    sparse_sum(out, [(torch.tensor([1.0, 2.0]), torch.tensor([1, 1], dtype=torch.int32)),
+                     (torch.tensor([4.0]), torch.tensor([1], dtype=torch.int32))], scale=0.5, sum_first=True)
+    assert out[1] == 13.5 and torch.signbit(out[0]) and torch.signbit(out[2])
+    with pytest.raises(CorruptMessageError, match="message 1"):
+        sparse_sum(out, [(torch.ones(1), torch.tensor([0], dtype=torch.int32)),
+                         (torch.ones(1), torch.tensor([3], dtype=torch.int32))], sum_first=True)
+    assert out[1] == 13.5 and torch.signbit(out[0])
+
+
 @pytest.mark.parametrize("sorted_indices", [True, False])
 def test_large_threaded_sum_of_overlapping_messages_matches_reference(device, sorted_indices):
     g = torch.Generator().manual_seed(3)

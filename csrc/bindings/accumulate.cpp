@@ -65,8 +65,10 @@ int64_t sparse_accumulate(torch::Tensor out, const torch::Tensor& values, const 
 // out = scale * sum (or out += scale * sum when accumulating) of the messages (values[r], indices[r]);
 // returns (-1, -1), or (message, position) of the first out-of-range index, in which case `out` is
 // untouched.
+// sum_first: out += scale * (the messages' sum, formed first); see cpu::sparse_add_sum.
 std::tuple<int64_t, int64_t> sparse_sum(torch::Tensor out, const std::vector<torch::Tensor>& values,
-                                        const std::vector<torch::Tensor>& indices, double scale, bool accumulate) {
+                                        const std::vector<torch::Tensor>& indices, double scale, bool accumulate,
+                                        bool sum_first) {
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous(),
               "sparse_sum: out must be a contiguous float32 tensor, got ", out.scalar_type());
   TORCH_CHECK(out.numel() <= std::numeric_limits<int32_t>::max(), "sparse_sum: out has ", out.numel(),
@@ -102,13 +104,16 @@ std::tuple<int64_t, int64_t> sparse_sum(torch::Tensor out, const std::vector<tor
       const int64_t bad = first_host.data_ptr<int64_t>()[r];
       if (bad != std::numeric_limits<int64_t>::max()) return {r, bad};
     }
-    if (!accumulate) {
+    // sum_first: the sum in a zeroed buffer of its own, then added (dense on the GPU).
+    torch::Tensor target = sum_first ? torch::zeros_like(out) : out;
+    if (!accumulate && !sum_first) {
       C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr<float>(), 0, out.numel() * sizeof(float), stream));
     }
     for (int64_t r = 0; r < n; ++r) {
       C10_CUDA_CHECK(cuda::scatter_add(messages[r].values, messages[r].indices, messages[r].count, s,
-                                       out.data_ptr<float>(), stream));
+                                       target.data_ptr<float>(), stream));
     }
+    if (sum_first) out.add_(target);
     return {-1, -1};
 #else
     TORCH_CHECK(false, "sparse_sum: kimad._C was built without CUDA; rebuild with a CUDA torch");
@@ -116,7 +121,8 @@ std::tuple<int64_t, int64_t> sparse_sum(torch::Tensor out, const std::vector<tor
   }
   TORCH_CHECK(out.is_cpu(), "sparse_sum: unsupported device ", out.device());
   const cpu::InvalidIndex bad =
-      cpu::sparse_sum(messages.data(), n, s, accumulate, out.data_ptr<float>(), out.numel());
+      sum_first ? cpu::sparse_add_sum(messages.data(), n, s, out.data_ptr<float>(), out.numel())
+                : cpu::sparse_sum(messages.data(), n, s, accumulate, out.data_ptr<float>(), out.numel());
   return {bad.message, bad.position};
 }
 
@@ -129,8 +135,9 @@ void bind_accumulate(pybind11::module_& m) {
         "or the position of the first out-of-range index, in which case out is untouched.",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("sparse_sum", &sparse_sum, pybind11::arg("out"), pybind11::arg("values"), pybind11::arg("indices"),
-        pybind11::arg("scale"), pybind11::arg("accumulate"),
-        "out = scale * sum of the messages (values[r], indices[r]) (or out += ... when accumulate). Returns "
+        pybind11::arg("scale"), pybind11::arg("accumulate"), pybind11::arg("sum_first") = false,
+        "out = scale * sum of the messages (values[r], indices[r]) (or out += ... when accumulate; with "
+        "sum_first, out += the per-element sum formed first, touching only named elements). Returns "
         "(-1, -1), or (message, position) of the first out-of-range index, in which case out is untouched.",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -146,6 +147,42 @@ TEST(SparseSum, FirstInvalidIndexIsReportedByMessageAndPositionAndNothingIsWritt
     EXPECT_EQ(bad.position, (1 << 16) - 5);
     EXPECT_EQ(out, std::vector<float>(numel, 7.0f));
   }
+}
+
+TEST(SparseAddSum, IsOutPlusTheSumFormedFirstBitForBitSortedOrNot) {
+  std::mt19937 rng(101);
+  const int64_t numel = (1 << 18) + 7;
+  for (bool sorted : {true, false}) {
+    for (int64_t count : {int64_t{100}, int64_t{1} << 15}) {  // one thread, and the threaded path
+      const Batch b = random_batch(rng, 8, count, numel - 1, sorted);
+      std::vector<float> out(numel);
+      std::normal_distribution<float> normal;
+      for (auto& x : out) x = normal(rng);
+      const auto sum = reference_sum(std::vector<float>(numel, 0.0f), b, 0.125f, false);
+      std::vector<float> expected = out;
+      for (int64_t j = 0; j < numel; ++j) expected[j] += sum[j];
+      const auto m = b.messages();
+      EXPECT_EQ(kimad::cpu::sparse_add_sum(m.data(), 8, 0.125f, out.data(), numel).message, -1);
+      EXPECT_EQ(out, expected) << "sorted=" << sorted << " count=" << count;
+    }
+  }
+}
+
+TEST(SparseAddSum, TouchesOnlyNamedElementsAndChecksFirst) {
+  Batch b;
+  b.values = {{1.0f, 2.0f}, {4.0f}};
+  b.indices = {{1, 1}, {1}};
+  std::vector<float> out = {-0.0f, 10.0f, -0.0f};
+  auto m = b.messages();
+  EXPECT_EQ(kimad::cpu::sparse_add_sum(m.data(), 2, 0.5f, out.data(), 3).message, -1);
+  EXPECT_TRUE(std::signbit(out[0]) && std::signbit(out[2]));  // untouched -0.0 stays -0.0
+  EXPECT_EQ(out[1], 13.5f);
+  b.indices[1][0] = 3;
+  m = b.messages();
+  const auto bad = kimad::cpu::sparse_add_sum(m.data(), 2, 0.5f, out.data(), 3);
+  EXPECT_EQ(bad.message, 1);
+  EXPECT_EQ(bad.position, 0);
+  EXPECT_EQ(out[1], 13.5f);  // nothing written
 }
 
 TEST(SparseSum, NoMessagesZeroesOrLeavesOut) {

@@ -111,6 +111,69 @@ void merge_range(const SparseMessage* messages, int64_t n, float scale, bool acc
   }
 }
 
+// Adds to out[lo, hi) the per-element sums of non-decreasing messages, block by block: each
+// element's sum is formed from 0 in a zeroed scratch block (message order, then entry order) and
+// added to out once, at the element's first entry (later entries of it add the scratch's 0 back).
+void add_sum_range(const SparseMessage* messages, int64_t n, float scale, float* out, int64_t lo, int64_t hi) {
+  thread_local std::vector<float> scratch;  // this thread's; all zero between blocks
+  scratch.assign(kBlock, 0.0f);
+  std::vector<int64_t> cursor(static_cast<size_t>(n)), start(static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t* idx = messages[r].indices;
+    cursor[r] = idx == nullptr ? 0 : std::lower_bound(idx, idx + messages[r].count, lo) - idx;
+  }
+  for (int64_t block_lo = lo; block_lo < hi; block_lo += kBlock) {
+    const int64_t block_hi = std::min(hi, block_lo + kBlock);
+    float* sum = scratch.data();  // sum[j - block_lo] for j in [block_lo, block_hi)
+    for (int64_t r = 0; r < n; ++r) {
+      const int32_t* idx = messages[r].indices;
+      const float* values = messages[r].values;
+      int64_t c = start[r] = cursor[r];
+      for (; c < messages[r].count && idx[c] < block_hi; ++c) sum[idx[c] - block_lo] += scale * values[c];
+      cursor[r] = c;
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const int32_t* idx = messages[r].indices;
+      for (int64_t c = start[r]; c < cursor[r]; ++c) {
+        out[idx[c]] += sum[idx[c] - block_lo];
+        sum[idx[c] - block_lo] = 0.0f;
+      }
+    }
+  }
+}
+
+// Checks every message's indices (bounds, and whether all are non-decreasing), chunked across threads.
+InvalidIndex check_batch(const SparseMessage* messages, int64_t n, int64_t numel, bool* all_sorted,
+                         int64_t* entries_out) {
+  std::vector<Chunk> chunks;
+  int64_t entries = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    entries += std::max<int64_t>(messages[r].count, 0);
+    for (int64_t b = 0; b < messages[r].count; b += kParallelGrain) {
+      chunks.push_back({r, b, std::min(messages[r].count, b + kParallelGrain)});
+    }
+  }
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  std::vector<char> valid(chunks.size()), sorted(chunks.size());
+#pragma omp parallel for schedule(dynamic) if (entries >= kParallelGrain)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    bool v = true, s = true;
+    check_chunk(messages[chunks[c].message].indices, chunks[c].begin, chunks[c].end, numel, &v, &s);
+    valid[c] = v;
+    sorted[c] = s;
+  }
+  *all_sorted = true;
+  *entries_out = entries;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (!valid[c]) {
+      const Chunk& k = chunks[c];
+      return {k.message, first_invalid_serial(messages[k.message].indices, k.begin, k.end, numel)};
+    }
+    *all_sorted = *all_sorted && sorted[c];
+  }
+  return {-1, -1};
+}
+
 }  // namespace
 
 int num_threads() {
@@ -164,32 +227,10 @@ int64_t sparse_accumulate(const float* values, const int32_t* indices, int64_t c
 
 InvalidIndex sparse_sum(const SparseMessage* messages, int64_t n, float scale, bool accumulate,
                         float* out, int64_t numel) {
-  // Validation pass over every message's indices (bounds and order), chunked across threads.
-  std::vector<Chunk> chunks;
-  int64_t entries = 0;
-  for (int64_t r = 0; r < n; ++r) {
-    entries += std::max<int64_t>(messages[r].count, 0);
-    for (int64_t b = 0; b < messages[r].count; b += kParallelGrain) {
-      chunks.push_back({r, b, std::min(messages[r].count, b + kParallelGrain)});
-    }
-  }
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-  std::vector<char> valid(chunks.size()), sorted(chunks.size());
-#pragma omp parallel for schedule(dynamic) if (entries >= kParallelGrain)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    bool v = true, s = true;
-    check_chunk(messages[chunks[c].message].indices, chunks[c].begin, chunks[c].end, numel, &v, &s);
-    valid[c] = v;
-    sorted[c] = s;
-  }
-  bool all_sorted = true;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    if (!valid[c]) {
-      const Chunk& k = chunks[c];
-      return {k.message, first_invalid_serial(messages[k.message].indices, k.begin, k.end, numel)};
-    }
-    all_sorted = all_sorted && sorted[c];
-  }
+  bool all_sorted;
+  int64_t entries;
+  const InvalidIndex bad = check_batch(messages, n, numel, &all_sorted, &entries);
+  if (bad.message >= 0) return bad;
 
   const bool threaded = entries + numel / 16 >= kParallelGrain && num_threads() > 1;
   if (all_sorted) {
@@ -207,6 +248,34 @@ InvalidIndex sparse_sum(const SparseMessage* messages, int64_t n, float scale, b
     for (int64_t b = 0; b < numel; b += kBlock) std::fill(out + b, out + std::min(numel, b + kBlock), 0.0f);
   }
   for (int64_t r = 0; r < n; ++r) scatter_add(messages[r].values, messages[r].indices, messages[r].count, scale, out, numel);
+  return {-1, -1};
+}
+
+InvalidIndex sparse_add_sum(const SparseMessage* messages, int64_t n, float scale, float* out, int64_t numel) {
+  bool all_sorted;
+  int64_t entries;
+  const InvalidIndex bad = check_batch(messages, n, numel, &all_sorted, &entries);
+  if (bad.message >= 0) return bad;
+  if (!all_sorted) {  // rare (top-k encoders emit sorted indices): sum into a zeroed copy, then add it
+    std::vector<float> sum(static_cast<size_t>(numel), 0.0f);
+    for (int64_t r = 0; r < n; ++r) {
+      scatter_add(messages[r].values, messages[r].indices, messages[r].count, scale, sum.data(), numel);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < messages[r].count; ++c) {
+        const int32_t j = messages[r].indices[c];
+        out[j] += sum[j];
+        sum[j] = 0.0f;
+      }
+    }
+    return {-1, -1};
+  }
+  const bool threaded = entries >= kParallelGrain && num_threads() > 1;
+#pragma omp parallel num_threads(threaded ? num_threads() : 1)
+  {
+    const auto [lo, hi] = thread_range(numel, kBlock);
+    add_sum_range(messages, n, scale, out, lo, hi);
+  }
   return {-1, -1};
 }
 

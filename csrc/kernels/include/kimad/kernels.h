@@ -55,6 +55,13 @@ struct InvalidIndex {
 InvalidIndex sparse_sum(const SparseMessage* messages, int64_t n, float scale, bool accumulate,
                         float* out, int64_t numel);
 
+// out += scale * (sum of the n messages), each element's sum formed first (from 0, in message
+// order, then entry order) and added to out once: bitwise what zeroing a buffer c, sparse_sum of
+// the messages into it and out += c give, but only the elements some message names are read or
+// written (an untouched -0.0 stays -0.0, where adding c's +0.0 would give +0.0). Every index is
+// checked before anything is written, as for sparse_sum. Deterministic for any number of threads.
+InvalidIndex sparse_add_sum(const SparseMessage* messages, int64_t n, float scale, float* out, int64_t numel);
+
 // Number of threads the OpenMP kernels use (1 when built without OpenMP).
 int num_threads();
 
