@@ -183,6 +183,10 @@ class Cluster:
             _run("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", self.iface)
             _run("ip", "-n", ns, "link", "set", self.iface, "up")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
+            # Keep TCP's congestion window across the idle gap between steps (as tuned training hosts do):
+            # with the default, every step's collective restarts from slow start, and a message of tens of
+            # kB never reaches the shaped rate.
+            _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0")
             self._shape(i, self.rates[i], add=True)
             # Gloo resolves the machine's hostname; inside the namespace it must be this node's address.
             (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
