@@ -3,7 +3,10 @@
 Each node ``i`` is a namespace ``kimad-<pid>-<k>-n<i>`` holding one end of a veth pair, renamed
 ``eth0``, with address 198.18.X.(i+1)/24; the other end sits in a bridge in the root namespace
 (address 198.18.X.254). Egress of every node's ``eth0`` is shaped by ``tbf`` (under ``netem``
-when a delay or loss is asked for). A :class:`TracePlayer` thread changes the rates over time.
+when a delay or loss is asked for) with a burst of only 1 ms of traffic, so that short messages see
+the rate too, and each namespace keeps TCP's congestion window across idle gaps
+(``net.ipv4.tcp_slow_start_after_idle=0``, as tuned training hosts do). A :class:`TracePlayer`
+thread changes the rates over time.
 
 ``Cluster`` is a context manager: everything it creates (namespaces, links, qdiscs,
 ``/etc/netns/<ns>`` files, processes it started) is removed on exit, on exceptions, on SIGTERM
