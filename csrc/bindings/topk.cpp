@@ -106,7 +106,8 @@ void bind_topk(pybind11::module_& m) {
         pybind11::arg("histogram").none(true) = pybind11::none(),
         "Exact top-k of v = grad + state (mode 0, EF) or grad - state (mode 1, EF21) into values (float32, k) "
         "and indices (int32, k, ascending), updating state in place. Returns (non_finite, sq_norm, sq_error); "
-        "when non_finite > 0 nothing was written.",
+        "when non_finite > 0 nothing was written. histogram: one error_profile filled for this same, unchanged "
+        "(grad, state), whose first pass the encode then skips (ignored if its size, mode or threads differ).",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("error_profile", &error_profile, pybind11::arg("grad"), pybind11::arg("state"), pybind11::arg("ks"),
         pybind11::arg("mode"), pybind11::arg("histogram").none(true) = pybind11::none(),

@@ -231,19 +231,25 @@ double gather_segment(Grad g, float* s, int64_t begin, int64_t end, float sign, 
 
 // Small tensors (n < kTopKSmallN): the same selection (keys > K, then ties at K to the lowest
 // indices) with K found by nth_element on a copy of the keys; one thread.
-TopKStats topk_encode_small(Grad grad, float* state, int64_t n, Feedback mode, int64_t k, float* values,
-                            int32_t* indices) {
-  TopKStats stats{0, 0.0, 0.0};
-  const float sign = mode == Feedback::kEF ? 1.0f : -1.0f;
-  float v[kTopKSmallN];
-  uint32_t key[kTopKSmallN], order[kTopKSmallN];
+// v and its keys for a small tensor (n < kTopKSmallN); returns the number of non-finite entries.
+int64_t form_small(Grad grad, const float* state, int64_t n, float sign, float* v, uint32_t* key) {
   float converted[kTopKSmallN];
   const float* g = grad.block(0, n, converted);
+  int64_t non_finite = 0;
   for (int64_t i = 0; i < n; ++i) {
     v[i] = g[i] + sign * state[i];
     key[i] = abs_key(v[i]);
-    stats.non_finite += key[i] >= 0x7F800000u;
+    non_finite += key[i] >= 0x7F800000u;
   }
+  return non_finite;
+}
+
+TopKStats topk_encode_small(Grad grad, float* state, int64_t n, Feedback mode, int64_t k, float* values,
+                            int32_t* indices) {
+  TopKStats stats{0, 0.0, 0.0};
+  float v[kTopKSmallN];
+  uint32_t key[kTopKSmallN], order[kTopKSmallN];
+  stats.non_finite = form_small(grad, state, n, mode == Feedback::kEF ? 1.0f : -1.0f, v, key);
   if (stats.non_finite > 0) return stats;
   uint32_t last_key = 0xFFFFFFFFu;  // k == 0: above every key
   int64_t ties = 0;
@@ -491,12 +497,8 @@ TopKStats error_profile(Grad grad, const float* state, int64_t n, Feedback mode,
   if (R == 0) return norm_only(grad, state, n, sign);
   if (n < kTopKSmallN) {
     float v[kTopKSmallN];
-    float converted[kTopKSmallN];
-    const float* g = grad.block(0, n, converted);
-    for (int64_t i = 0; i < n; ++i) {
-      v[i] = g[i] + sign * state[i];
-      stats.non_finite += abs_key(v[i]) >= 0x7F800000u;
-    }
+    uint32_t key[kTopKSmallN];
+    stats.non_finite = form_small(grad, state, n, sign, v, key);
     if (stats.non_finite > 0) return stats;
     profile_small(v, n, ks, R, errors, &stats.sq_norm);
     return stats;
