@@ -157,6 +157,77 @@ def test_without_root_it_says_so_and_runs_unshaped_on_localhost(tmp_path, monkey
     assert "**Unshaped**: 2 ranks on localhost (kimad.emulate needs root)" in path.read_text()
 
 
+def test_the_training_clock_runs_from_the_latest_step_and_never_back():
+    from kimad.bench.e2e import training_clock
+
+    entry = {"step": 9, "t": 14.0, "train_s": 10.0, "wall": T0 + 14.0}  # 4 s of evaluations so far
+    assert training_clock(entry, now=T0 + 16.5) == pytest.approx(12.5)
+    assert training_clock(entry, now=T0 + 13.0) == 10.0  # a clock step back does not rewind training
+
+
+def test_rate_changes_follow_the_training_clock_not_evaluations(tmp_path, monkeypatch):
+    """A job that spends 3 s evaluating before 1 s of training meets the step-down at 1 s of training."""
+    import kimad.emulate
+    from kimad.bench import e2e
+    from kimad.emulate.traces import RateChange
+
+    applied: list[tuple[float, int, float]] = []
+    started = []
+
+    class FakeCluster:
+        def __init__(self, nodes, trace, **kwargs):
+            self.trace = (RateChange(0.0, 0, 100.0), RateChange(1.0, 0, 20.0))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def set_rate(self, node, mbit):
+            applied.append((training_s[0], node, mbit))
+
+    training_s = [0.0]
+
+    def fake_job(cluster, command, env, out):  # evaluates 0.3 s, then trains 0.1 s per step
+        import time as clock
+        log = Path(command[command.index("--step-log") + 1])
+        t0, eval_s = clock.time(), 0.0
+        started.append(t0)
+        with open(log, "a") as f:
+            for step in range(16):
+                if step == 1:
+                    clock.sleep(0.3)
+                    eval_s += 0.3
+                clock.sleep(0.1)
+                now = clock.time()
+                training_s[0] = now - t0 - eval_s
+                f.write(json.dumps({"step": step, "t": now - t0, "train_s": now - t0 - eval_s, "wall": now,
+                                    "loss": 1.0}) + "\n")
+                f.flush()
+        return 0
+
+    monkeypatch.setattr(kimad.emulate, "Cluster", FakeCluster)
+    monkeypatch.setattr(kimad.emulate, "run_horovod", fake_job)
+
+    class Bar:
+        n = 0
+
+        def set_postfix(self, **kw):
+            pass
+
+        def update(self, n):
+            pass
+
+    args = parse_args(["--methods", "kimad+", "--seconds", "2", "--out", str(tmp_path)])
+    assert e2e.run_shaped("kimad+", args, tmp_path, Bar()) == 0
+    assert [(node, mbit) for _, node, mbit in applied] == [(0, 20.0)]
+    # the job's last logged training time when the change was applied: at most one step (0.1 s) behind
+    # 1.0 s, at most one poll (0.1 s) and one step past it; by the wall clock (training plus the 0.3 s
+    # evaluation) it would have been ~0.7 s
+    assert 0.9 <= applied[0][0] <= 1.25
+
+
 # -- a real run across the emulated cluster (root) -----------------------------------------------
 def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path):
     if os.geteuid() != 0:

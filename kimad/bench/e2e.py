@@ -4,9 +4,9 @@
     python benchmarks/e2e.py --workload stdlib-lm --nodes 2 --seconds 60 --out runs/e2e-lm
     python -m kimad.bench e2e --quick
 
-One Horovod job per method, same seed, each on a freshly set-up cluster whose bandwidth trace is
-restarted when that job's first training step is logged (so every method sees the same rate at the
-same training time): uncompressed Horovod, Horovod's fp16, static top-k + EF (the GRACE/DGC
+One Horovod job per method, same seed, each on a freshly set-up cluster whose bandwidth trace plays
+on that job's training clock (evaluations excluded; so every method sees the same rate at the same
+training time): uncompressed Horovod, Horovod's fp16, static top-k + EF (the GRACE/DGC
 baseline, through Kimad's plugin with ``allocator="static"``) at two densities, Kimad (uniform) and
 Kimad+ (layerwise). Each job trains ``--workload`` (the digits CNN, or the language model on the
 standard library's source) for ``--seconds`` of training time and evaluates it (test accuracy, or
@@ -123,25 +123,34 @@ def _last_step(log_path: Path) -> dict | None:
     return None
 
 
-def _follow(done, log_path: Path, bar, seconds: float, on_start=None, on_tick=None) -> None:
-    """Poll ``log_path`` until ``done()``: update ``bar``; call ``on_start()`` at the first step, then ``on_tick()``."""
-    started = False
+def training_clock(entry: dict, now: float | None = None) -> float:
+    """Seconds of training (evaluations excluded) at Unix time ``now``, from the job's latest step entry.
+
+    The entry's ``train_s`` plus the wall time since it was logged: exact between evaluations; while one
+    runs (it is logged when it ends) the clock runs on, at most one evaluation's length ahead.
+    """
+    return entry["train_s"] + max(0.0, (time.time() if now is None else now) - entry["wall"])
+
+
+def _follow(done, log_path: Path, bar, seconds: float, on_tick=None) -> None:
+    """Poll ``log_path`` until ``done()``: update ``bar``; from the first step on, call ``on_tick(latest step)``."""
     while not done():
         entry = _last_step(log_path)
         if entry is not None:
-            if not started and on_start is not None:
-                on_start()
-            started = True
             bar.n = min(seconds, round(entry["train_s"], 1))
             bar.set_postfix(step=entry["step"], loss=f"{entry['loss']:.3f}", refresh=False)
             bar.update(0)  # redraws at most every mininterval
-        if started and on_tick is not None:
-            on_tick()
+            if on_tick is not None:
+                on_tick(entry)
         time.sleep(0.1)
 
 
 def run_shaped(method: str, args: argparse.Namespace, out: Path, bar) -> int:
-    """Run ``method`` on a fresh emulated cluster, playing the trace from its first training step."""
+    """Run ``method`` on a fresh emulated cluster, playing the trace on its training clock.
+
+    A rate change at trace time T is applied when the job has trained T seconds (:func:`training_clock`),
+    so evaluations do not shift the trace and every method meets each rate at the same training time.
+    """
     from kimad.emulate import Cluster, run_horovod
 
     log_path, rates_path = out / f"{method}.jsonl", out / f"rates-{method}.jsonl"
@@ -152,19 +161,15 @@ def run_shaped(method: str, args: argparse.Namespace, out: Path, bar) -> int:
         job = threading.Thread(target=lambda: result.update(code=run_horovod(
             cluster, train_command(method, args, log_path), env=rank_environment(), out=console)), daemon=True)
         pending = sorted((c for c in cluster.trace if c.time_s > 0), key=lambda c: c.time_s)
-        clock: list[float] = []
 
-        def start() -> None:
-            clock.append(time.monotonic())
-
-        def tick() -> None:
-            while pending and time.monotonic() - clock[0] >= pending[0].time_s:
+        def tick(entry: dict) -> None:
+            while pending and training_clock(entry) >= pending[0].time_s:
                 change = pending.pop(0)
                 cluster.set_rate(change.node, change.mbit)
 
         job.start()
         deadline = time.monotonic() + args.seconds + 180  # start-up and a slow tail, generously
-        _follow(lambda: not job.is_alive() or time.monotonic() > deadline, log_path, bar, args.seconds, start, tick)
+        _follow(lambda: not job.is_alive() or time.monotonic() > deadline, log_path, bar, args.seconds, tick)
         if job.is_alive():
             raise E2EError(f"method {method!r} did not finish within {args.seconds + 180:.0f} s; "
                            f"see {out / method}.out")

@@ -335,8 +335,8 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     lines = ["# Kimad end-to-end comparison", ""]
     if meta["shaped"]:
         lines.append(f"{meta['nodes']} emulated nodes (`kimad.emulate`), trace `{meta['trace']}` at base "
-                     f"{meta['rate_mbit']:g} Mbit/s over {meta['seconds']:g} s (restarted for each method at its "
-                     "first training step), ")
+                     f"{meta['rate_mbit']:g} Mbit/s over {meta['seconds']:g} s (played on each method's training "
+                     "clock, evaluations excluded), ")
     else:
         lines.append(f"**Unshaped**: {meta['nodes']} ranks on localhost ({meta.get('unshaped_reason', 'no root')}); "
                      "rate targets cannot be measured. ")

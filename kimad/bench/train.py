@@ -18,7 +18,8 @@ bytes this rank hands to the collectives: 4 per element uncompressed, 2 with fp1
 message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the user's budget),
 ``comm_s`` / ``predicted_comm_s`` (the timed allgather + allreduce and the plan's prediction),
 ``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), ``prev_link_agree_s``, ``density`` (per tensor: fraction of entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every ``--eval-every-s``
-seconds of training (and at the end) every rank evaluates and rank 0 logs
+seconds of training (and at the end) rank 0 evaluates (the other ranks wait for it, outside the
+training clock) and logs
 ``{"eval": true, "step": ..., "t": ..., "train_s": ..., "wall": ..., "accuracy": ...}`` (digits) or the
 same with ``"val_loss"`` (nats per token) in place of ``"accuracy"`` (language model). ``--max-seconds``
 ends training after that much training time (rank 0's clock, broadcast each step so every rank stops
@@ -159,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluated_at = -1  # step_count of the last evaluation
 
     def evaluate() -> float:
+        # Rank 0 evaluates (every rank holds the same model); the broadcast of its figure holds the others
+        # until it is done, so no rank's evaluation leaks into the next step's collectives (and its time).
         nonlocal eval_s, evaluated_at
         t0 = time.perf_counter()
         train_s = t0 - started - eval_s
-        value = evaluate_on(model, test)
+        value = evaluate_on(model, test) if rank == 0 else 0.0
+        value = hvd.broadcast(torch.tensor([value], dtype=torch.float64), root_rank=0, name="train.eval").item()
         eval_s += time.perf_counter() - t0
         evaluated_at = step_count
         write({"eval": True, "step": step_count, "t": t0 - started, "train_s": train_s, "wall": time.time(),
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if rank == 0 and bar.disable and (step + 1) % args.log_every == 0:
                 print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {loss.item():.3f}", flush=True)
-            # Rank 0's clock decides for everyone (one tiny broadcast), so all ranks evaluate and stop together.
+            # Rank 0's clock decides for everyone (one tiny broadcast), so all ranks enter an evaluation and stop together.
             train_s = time.perf_counter() - started - eval_s
             flags = torch.tensor([int(args.eval_every_s > 0 and train_s >= next_eval),
                                   int(args.max_seconds > 0 and train_s >= args.max_seconds)], dtype=torch.int32)
