@@ -2,9 +2,10 @@
 
 Each node ``i`` is a namespace ``kimad-<pid>-<k>-n<i>`` holding one end of a veth pair, renamed
 ``eth0``, with address 198.18.X.(i+1)/24; the other end sits in a bridge in the root namespace
-(address 198.18.X.254). Egress of every node's ``eth0`` is shaped by ``tbf`` (under ``netem``
-when a delay or loss is asked for) with a burst of only 1 ms of traffic, so that short messages see
-the rate too, and each namespace keeps TCP's congestion window across idle gaps
+(address 198.18.X.254). Egress of every node's ``eth0`` is shaped by an ``htb`` class (under
+``netem`` when a delay or loss is asked for) with a burst of only 1 ms of traffic, so that short
+messages see the rate too, and packets under 128 bytes (ACKs, Gloo's rendezvous notices) ahead of
+bulk data, as a host's fq_codel would put them; and each namespace keeps TCP's congestion window across idle gaps
 (``net.ipv4.tcp_slow_start_after_idle=0``, as tuned training hosts do). A :class:`TracePlayer`
 thread changes the rates over time.
 
@@ -73,14 +74,28 @@ def _used_subnets() -> set[int]:
     return used
 
 
-def _rate_spec(mbit: float) -> list[str]:
-    """tbf arguments for ``mbit`` Mbit/s: burst of 1 ms of traffic (>= 4 KiB) and a 200 ms queue
-    (with a 50 ms queue a 4-node run at 20 Mbit/s stalled Gloo for 30 s, likely drops + TCP back-off).
-    The burst is what a message gets through at the veth's speed before the rate applies: at 32 KiB
-    it let a 45 kB message cross a 20 Mbit/s link at ~40 Mbit/s, which no real 20 Mbit/s link does."""
-    bits = mbit * 1e6
-    burst = max(4 * 1024, int(bits / 8 / 1000))
-    return ["tbf", "rate", f"{max(1, round(mbit * 1000))}kbit", "burst", str(burst), "latency", "200ms"]
+# Shaping: an HTB class at the node's rate with two leaves. Packets under 128 bytes (pure TCP ACKs and
+# Gloo's send/recv-ready notices) go first; everything else queues behind them. With one FIFO (tbf) a
+# node's notices and ACKs waited behind its own outgoing data, and Gloo's rendezvous (a sender waits for
+# the receiver's recv-ready) turned each ring round into up to two transfers: a 4-node allgather reached
+# 0.70-0.85 of the shaped rate (2 nodes: 0.94). Hosts avoid that with fq_codel, which this kernel lacks.
+_SMALL_PACKET_MASK = "0xff80"  # IPv4 total length & 0xff80 == 0: under 128 bytes
+
+
+def _rate_classes(mbit: float) -> list[tuple[str, str, list[str]]]:
+    """``(classid, parent, htb arguments)`` of the shaping classes for ``mbit`` Mbit/s (handle ``1:``).
+
+    Burst of 1 ms of traffic (>= 4 KiB): at 32 KiB a 45 kB message crossed a 20 Mbit/s link at ~40
+    Mbit/s, which no real 20 Mbit/s link does. The small-packet leaf is guaranteed 1% of the rate and
+    may borrow all of it; the bulk leaf the rest; neither exceeds the node's rate together.
+    """
+    kbit = max(2, round(mbit * 1000))
+    small = max(1, kbit // 100)
+    burst = str(max(4 * 1024, int(mbit * 1e6 / 8 / 1000)))
+    shape = ["burst", burst, "cburst", burst, "quantum", "1514"]
+    return [("1:1", "1:", ["rate", f"{kbit}kbit", "ceil", f"{kbit}kbit", *shape]),
+            ("1:10", "1:1", ["rate", f"{small}kbit", "ceil", f"{kbit}kbit", "prio", "0", *shape]),
+            ("1:20", "1:1", ["rate", f"{kbit - small}kbit", "ceil", f"{kbit}kbit", "prio", "1", *shape])]
 
 
 class Cluster:
@@ -184,6 +199,9 @@ class Cluster:
             _run("ip", "link", "set", inner, "netns", ns)
             _run("ip", "-n", ns, "link", "set", inner, "name", self.iface)
             _run("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", self.iface)
+            # One TCP segment per packet: HTB charges a GSO super-packet (up to 64 KB) whole, after sending it
+            # at line rate, so a message of tens of kB would cross before the rate applied.
+            _run("ip", "-n", ns, "link", "set", self.iface, "gso_max_segs", "1")
             _run("ip", "-n", ns, "link", "set", self.iface, "up")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             # Keep TCP's congestion window across the idle gap between steps (as tuned training hosts do):
@@ -210,8 +228,17 @@ class Cluster:
                 raise ClusterError(f"cannot add netem delay {self.delay_ms} ms / loss {self.loss_pct}% on node {node}: "
                                    f"{proc.stderr.strip()} (is the kernel's sch_netem available?); "
                                    "run without delay and loss, or load sch_netem")
-        where = ["parent", "1:", "handle", "10:"] if netem else ["root", "handle", "1:"]
-        _run("tc", "-n", ns, "qdisc", verb, "dev", self.iface, *where, *_rate_spec(mbit))
+        # under netem (root 1:) the shaper's handle is 10:, else it is the root 1:
+        handle = "10:" if netem else "1:"
+        if add:
+            where = ["parent", "1:", "handle", handle] if netem else ["root", "handle", handle]
+            _run("tc", "-n", ns, "qdisc", "add", "dev", self.iface, *where, "htb", "default", "20")
+        for classid, parent, args in _rate_classes(mbit):
+            classid, parent = (x.replace("1:", handle, 1) for x in (classid, parent))
+            _run("tc", "-n", ns, "class", verb, "dev", self.iface, "parent", parent, "classid", classid, "htb", *args)
+        if add:
+            _run("tc", "-n", ns, "filter", "add", "dev", self.iface, "parent", handle, "protocol", "ip", "prio", "1",
+                 "u32", "match", "u16", "0x0000", _SMALL_PACKET_MASK, "at", "2", "flowid", handle + "10")
 
     def set_rate(self, node: int, mbit: float) -> None:
         """Change node ``node``'s egress rate to ``mbit`` Mbit/s now, and log it."""

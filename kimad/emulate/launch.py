@@ -56,7 +56,7 @@ def run_horovod(
     base = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     base.update({k: str(v) for k, v in create_run_env_vars(cluster.bridge_address, [cluster.iface], port).items()})
     # Shaped links at a few Mbit/s can stall a Gloo receive past Horovod's default 30 s (TCP back-off after
-    # tbf drops, seen at 4 nodes and 20 Mbit/s); a value the caller set wins.
+    # drops at the shaper, seen at 4 nodes and 20 Mbit/s with a 50 ms tbf queue); a value the caller set wins.
     base.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "300")
 
     lock = threading.Lock()
