@@ -240,7 +240,7 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
 
     log = tmp_path / "kimad+.jsonl"
     command = [sys.executable, "-m", "kimad.bench.train", "--compression", "kimad", "--allocator", "layerwise",
-               "--budget", "0.05", "--epochs", "1", "--max-seconds", "3", "--eval-every-s", "2",
+               "--budget", "0.05", "--epochs", "1", "--max-seconds", "3", "--eval-every-s", "1", "--eval-after",
                "--step-log", str(log)]
     with Cluster(2, "constant", rate_mbit=100, log_path=tmp_path / "rates.jsonl") as cluster, \
             open(tmp_path / "ranks.out", "w") as console:
@@ -250,4 +250,9 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
     steps = [e for e in entries if not e.get("eval")]
     assert len(steps) >= 5
     assert all(s["bytes"] > 0 for s in steps) and steps[-1]["bytes"] < 4 * 421_770  # compressed once the link is known
-    assert any(e.get("eval") for e in entries)
+    # --eval-after (as the comparison runs): snapshots taken during training, evaluated and logged after it
+    evals = [e for e in entries if e.get("eval")]
+    assert len(evals) >= 3 and entries[-len(evals):] == evals
+    assert [e["train_s"] for e in evals] == sorted(e["train_s"] for e in evals)
+    assert evals[-1]["step"] == len(steps) and all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
+    assert evals[-1]["accuracy"] > evals[0]["accuracy"]

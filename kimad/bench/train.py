@@ -18,8 +18,9 @@ bytes this rank hands to the collectives: 4 per element uncompressed, 2 with fp1
 message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the user's budget),
 ``comm_s`` / ``predicted_comm_s`` (the timed allgather + allreduce and the plan's prediction),
 ``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), ``prev_link_agree_s``, ``density`` (per tensor: fraction of entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every ``--eval-every-s``
-seconds of training (and at the end) rank 0 evaluates (the other ranks wait for it, outside the
-training clock) and logs
+seconds of training, at each epoch's end and at the end, rank 0 evaluates (the other ranks wait
+for it, outside the training clock; with ``--eval-after`` it keeps a copy of the weights instead and
+evaluates them all once training is over, logging each with its snapshot's times) and logs
 ``{"eval": true, "step": ..., "t": ..., "train_s": ..., "wall": ..., "accuracy": ...}`` (digits) or the
 same with ``"val_loss"`` (nats per token) in place of ``"accuracy"`` (language model). ``--max-seconds``
 ends training after that much training time (rank 0's clock, broadcast each step so every rank stops
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every-s", type=float, default=0.0,
                    help="evaluate (accuracy or validation loss) every this many seconds of training "
                         "(0: per epoch only)")
+    p.add_argument("--eval-after", action="store_true",
+                   help="keep a snapshot of the weights at each evaluation (~1 ms) and evaluate them all after "
+                        "training, so that evaluation never shares the machine with training steps")
     p.add_argument("--max-seconds", type=float, default=0.0,
                    help="stop after this many seconds of training, evaluation excluded (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data split and shuffling (default: 0)")
@@ -159,19 +163,40 @@ def main(argv: list[str] | None = None) -> int:
     step_count, result, stop = 0, float("nan"), False
     evaluated_at = -1  # step_count of the last evaluation
 
-    def evaluate() -> float:
-        # Rank 0 evaluates (every rank holds the same model); the broadcast of its figure holds the others
-        # until it is done, so no rank's evaluation leaks into the next step's collectives (and its time).
+    # --eval-after: (the evaluation's log entry, rank 0's weights then), evaluated once training is over
+    snapshots: list[tuple[dict, dict[str, torch.Tensor]]] = []
+
+    def evaluate() -> float | None:
+        """Evaluate now (rank 0; the figure) or, with ``--eval-after``, keep a snapshot for later (``None``)."""
         nonlocal eval_s, evaluated_at
         t0 = time.perf_counter()
-        train_s = t0 - started - eval_s
+        entry = {"eval": True, "step": step_count, "t": t0 - started, "train_s": t0 - started - eval_s,
+                 "wall": time.time()}
+        evaluated_at = step_count
+        if args.eval_after:
+            if rank == 0:
+                snapshots.append((entry, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            eval_s += time.perf_counter() - t0
+            return None
+        # Rank 0 evaluates (every rank holds the same model); the broadcast of its figure holds the others
+        # until it is done, so no rank's evaluation leaks into the next step's collectives (and its time).
         value = evaluate_on(model, test) if rank == 0 else 0.0
         value = hvd.broadcast(torch.tensor([value], dtype=torch.float64), root_rank=0, name="train.eval").item()
         eval_s += time.perf_counter() - t0
-        evaluated_at = step_count
-        write({"eval": True, "step": step_count, "t": t0 - started, "train_s": train_s, "wall": time.time(),
-               figure: value})
+        write({**entry, figure: value})
         return value
+
+    def evaluate_snapshots() -> float:
+        """``--eval-after``: rank 0 evaluates every snapshot in order and logs it; every rank gets the last figure."""
+        value = 0.0
+        if rank == 0:
+            for entry, weights in tqdm(snapshots, desc="evaluating snapshots", unit="snapshot",
+                                       disable=not sys.stderr.isatty()):
+                model.load_state_dict(weights)
+                value = evaluate_on(model, test)
+                write({**entry, figure: value})
+            tqdm.write(f"evaluated {len(snapshots)} snapshots after training: final {described(value)}")
+        return hvd.broadcast(torch.tensor([value], dtype=torch.float64), root_rank=0, name="train.eval").item()
 
     def described(value: float) -> str:
         return f"test accuracy {value:.2%}" if figure == "accuracy" else f"validation loss {value:.3f} nats/token"
@@ -222,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         if evaluated_at != step_count:
             result = evaluate()
         if rank == 0:
-            tqdm.write(f"epoch {epoch + 1}: {described(result)}, "
-                       f"median step {statistics.median(step_times) * 1e3:.1f} ms")
+            figure_now = "evaluated after training" if result is None else described(result)
+            tqdm.write(f"epoch {epoch + 1}: {figure_now}, median step {statistics.median(step_times) * 1e3:.1f} ms")
         if stop:
             break
+    if args.eval_after:
+        result = evaluate_snapshots()
     if rank == 0:
         print(json.dumps({
             "workload": workload_name, "world_size": size, "compression": args.compression,
