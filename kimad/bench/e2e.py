@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1000, help="upper bound on epochs per method (default: 1000)")
     p.add_argument("--eval-every-s", type=float, default=2.0,
                    help="evaluate (accuracy or validation loss) every this many seconds (default: 2)")
-    p.add_argument("--budget", default="0.05",
-                   help="Kimad's communication budget per step, seconds, or 'auto' (default: 0.05)")
+    p.add_argument("--budget", default="auto",
+                   help="Kimad's communication budget per step, seconds, or 'auto': half the measured compute "
+                        "time of a step, Kimad's own default (default: auto)")
     p.add_argument("--target", type=float, default=0.90, help="digits-cnn: target test accuracy (default: 0.90)")
     p.add_argument("--target-loss", type=float, default=None,
                    help=f"stdlib-lm: target validation loss, nats/token (default: {TARGET_LOSS})")
