@@ -47,7 +47,9 @@ needs all gradients at once (one plan for the whole step), so:
       of the plan digest and followed by the dense buffer when adding its bytes to the allgather costs
       less than a Sum allreduce of its own (always at 2 ranks; small buffers such as biases otherwise:
       a ring allreduce pays 2(n-1) latencies); else ONE Sum allreduce (``kimad.dense``) of the dense
-      buffer follows. Each is timed from submission to completion; its bytes per rank are exact.
+      buffer follows. Each is timed from submission to completion; its bytes per rank are exact. Kimad waits
+      for its collectives with :func:`synchronize` (polls with short sleeps), not Horovod's own, which
+      spins and so takes a core from the ranks that are still working when ranks outnumber cores.
       Kimad's collectives do not overlap the backward pass (they run after it) and the skew between
       ranks is removed as in (c), so these timings are honest throughput samples;
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
@@ -105,6 +107,19 @@ DIGEST_PREFIX_BYTES = 8
 TENSORBOARD_SCALARS = ("bandwidth_bps", "latency_s", "budget_s", "predicted_bytes", "actual_bytes", "predicted_comm_s",
                        "actual_comm_s", "agree_s", "compute_s", "overhead_s", "kimad_step_s", "predicted_error")
 _STATE_VERSION = 1
+# How long a rank sleeps between polls of its own collective: Horovod's synchronize() spins (yield in a loop),
+# so a rank waiting for slower ones took a core from them; at 4 ranks on 2 cores the waiting ranks' spinning
+# stretched every collective (4-22 kB allgathers at 20 Mbit/s took 40-155 ms, the network needs 2-10).
+POLL_INTERVAL_S = 1e-4
+
+
+def synchronize(handle):
+    """``hvd.synchronize(handle)`` without spinning: the async collective's result, after polling it with
+    ``POLL_INTERVAL_S`` sleeps in between, so a rank that waits leaves the CPU to ranks still working."""
+    hvd = _horovod()
+    while not hvd.poll(handle):
+        time.sleep(POLL_INTERVAL_S)
+    return hvd.synchronize(handle)
 
 
 class PlanMismatchError(KimadError, RuntimeError):
@@ -370,7 +385,7 @@ class Kimad:
         profile_s = t0 - t_profile
         # An allgather, not an allreduce: half the latency terms of a ring allreduce, and every rank sees every
         # rank's timings. Every rank sums the rows in rank order, so all get bit-identical averages.
-        rows = hvd.allgather(torch.tensor([agree], dtype=torch.float64), name="kimad.agree")
+        rows = synchronize(hvd.allgather_async(torch.tensor([agree], dtype=torch.float64), name="kimad.agree"))
         agree_s = time.perf_counter() - t0
         agree_bytes = 8 * len(agree)
         profile_values = (rows[:, : -len(slots) - 2].sum(0) / world).tolist()
@@ -445,7 +460,7 @@ class Kimad:
         per_rank = send.numel()
         t0 = time.perf_counter()
         encode_s = t0 - t_encode
-        gathered = hvd.allgather(send, name="kimad.sparse")
+        gathered = synchronize(hvd.allgather_async(send, name="kimad.sparse"))
         gather_s = time.perf_counter() - t0
         self._verify(gathered, prefix, per_rank, plan)
         samples = [("allgather", per_rank, gather_s)]
@@ -458,7 +473,7 @@ class Kimad:
                 dense_sum += dense_rows[r]
         elif buffer is not None:
             t0 = time.perf_counter()
-            dense_sum = hvd.allreduce(buffer, op=hvd.Sum, name="kimad.dense")
+            dense_sum = synchronize(hvd.allreduce_async(buffer, op=hvd.Sum, name="kimad.dense"))
             samples.append(("allreduce", 4 * buffer.numel(), time.perf_counter() - t0))
 
         # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.

@@ -131,6 +131,8 @@ def test_every_method_trains_with_the_same_seed_and_its_own_log(tmp_path):
         assert command[command.index("--seed") + 1] == "7"
         assert command[command.index("--step-log") + 1] == str(tmp_path / f"{method}.jsonl")
     assert commands["static0.01"][commands["static0.01"].index("--allocator") + 1] == "static"
+    # every method waits the same way and is evaluated the same way (the baselines included)
+    assert all("--quiet-wait" in c and "--eval-after" in c for c in commands.values())
 
 
 def test_without_root_it_says_so_and_runs_unshaped_on_localhost(tmp_path, monkeypatch, capsys):
@@ -238,14 +240,21 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
     from kimad.emulate import Cluster, run_horovod
     from kimad.bench.e2e import rank_environment
 
-    log = tmp_path / "kimad+.jsonl"
-    command = [sys.executable, "-m", "kimad.bench.train", "--compression", "kimad", "--allocator", "layerwise",
-               "--budget", "0.05", "--epochs", "1", "--max-seconds", "3", "--eval-every-s", "1", "--eval-after",
+    log, plain_log = tmp_path / "kimad+.jsonl", tmp_path / "none.jsonl"
+    train = [sys.executable, "-m", "kimad.bench.train", "--epochs", "1", "--eval-every-s", "1", "--eval-after",
+             "--quiet-wait"]
+    command = [*train, "--compression", "kimad", "--allocator", "layerwise", "--budget", "0.05", "--max-seconds", "3",
                "--step-log", str(log)]
+    # uncompressed Horovod, waiting through the replaced synchronize (as every method of the comparison does)
+    plain = [*train, "--compression", "none", "--max-seconds", "1", "--step-log", str(plain_log)]
     with Cluster(2, "constant", rate_mbit=100, log_path=tmp_path / "rates.jsonl") as cluster, \
             open(tmp_path / "ranks.out", "w") as console:
         code = run_horovod(cluster, command, env=rank_environment(), out=console)
+        assert code == 0, (tmp_path / "ranks.out").read_text()[-3000:]
+        code = run_horovod(cluster, plain, env=rank_environment(), out=console)
     assert code == 0, (tmp_path / "ranks.out").read_text()[-3000:]
+    plain_steps = [json.loads(line) for line in plain_log.read_text().splitlines() if '"eval"' not in line]
+    assert len(plain_steps) >= 2 and all(s["bytes"] == 4 * 421_770 for s in plain_steps)
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [e for e in entries if not e.get("eval")]
     assert len(steps) >= 5

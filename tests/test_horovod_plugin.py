@@ -61,6 +61,21 @@ def test_import_kimad_does_not_import_horovod():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+def test_synchronize_sleeps_between_polls_and_returns_horovods_result(monkeypatch):
+    import kimad.horovod as plugin
+
+    polls, sleeps = iter([False, False, True]), []
+
+    class FakeHorovod:
+        poll = staticmethod(lambda handle: next(polls))
+        synchronize = staticmethod(lambda handle: ("result of", handle))
+
+    monkeypatch.setattr(plugin, "_horovod", lambda: FakeHorovod)
+    monkeypatch.setattr(plugin.time, "sleep", sleeps.append)
+    assert plugin.synchronize(7) == ("result of", 7)
+    assert sleeps == [plugin.POLL_INTERVAL_S] * 2  # never a busy spin: one sleep per unfinished poll
+
+
 @pytest.mark.parametrize("options, match", [
     ({"allocator": "greedy"}, "unknown allocator 'greedy'"),
     ({"compressors": ("topk", "fp16")}, r"\['fp16'\] are not supported"),

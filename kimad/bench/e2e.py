@@ -11,7 +11,10 @@ baseline, through Kimad's plugin with ``allocator="static"``) at two densities, 
 Kimad+ (layerwise). Each job trains ``--workload`` (the digits CNN, or the language model on the
 standard library's source) for ``--seconds`` of training time and evaluates it (test accuracy, or
 validation loss) every ``--eval-every-s`` seconds of training (snapshots of the weights, evaluated
-after training so that evaluation never competes with the training steps for the machine). Per method ``runs/NAME/`` gets ``<method>.jsonl``
+after training so that evaluation never competes with the training steps for the machine). Every
+job waits for its collectives without spinning (``--quiet-wait``): the emulated nodes share this
+machine's cores, and Horovod's spinning wait would let a waiting rank take a working rank's core,
+which real nodes do not share. Per method ``runs/NAME/`` gets ``<method>.jsonl``
 (per-step log of :mod:`kimad.bench.train`), ``rates-<method>.jsonl`` (every shaped rate applied, from
 the emulator) and ``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes ``report.md`` and plots.
 
@@ -99,7 +102,7 @@ def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list
     return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[method],
             "--budget", str(args.budget),
             "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
-            "--eval-every-s", str(args.eval_every_s), "--eval-after", "--seed", str(args.seed), "--log-every", "100",
+            "--eval-every-s", str(args.eval_every_s), "--eval-after", "--quiet-wait", "--seed", str(args.seed), "--log-every", "100",
             "--step-log", str(log_path)]
 
 
