@@ -374,6 +374,23 @@ def test_with_stall_bursts_elsewhere_a_5x_change_is_followed_within_5_steps(rate
     assert got == pytest.approx(true, rel=0.15)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_4x_slow_down_is_believed_on_its_5th_step_though_small_samples_jitter_by_milliseconds(seed):
+    """As at 4 ranks on 2 cores: the small agree allgather's time jitters by whole milliseconds of
+    scheduling (lognormal sigma 0.8 on its latency), the big allgather's by 10%; that jitter must not
+    widen the change test so far that a 4x slower link hides in it (it did for 10 steps)."""
+    est = BandwidthEstimator(stall_steps=4)
+    rng = np.random.default_rng(30 + seed)
+    for step in range(65):
+        bandwidth_bps = 1e8 if step < 60 else 2.5e7
+        big = true_seconds("allgather", 4, 55_000, bandwidth_bps, 1e-3) * math.exp(rng.normal(0, 0.1))
+        agree = true_seconds("allgather", 4, 1_500, bandwidth_bps, 1e-3 * math.exp(rng.normal(0, 0.8)))
+        est.add("allgather", 4, 55_000, big, step)
+        est.add("allgather", 4, 1_500, agree, step)
+        got = est.estimate().bandwidth_bps
+    assert got == pytest.approx(2.5e7, rel=0.15)  # samples of steps 60-64: the 5th slow step
+
+
 def test_a_burst_of_4_stalled_steps_is_not_a_slower_link():
     est = BandwidthEstimator()
     rng = np.random.default_rng(20)

@@ -38,7 +38,9 @@ the same formulas the cost model predicts with), ``alpha`` the per-message laten
    resets the fit. It is found against the current fit with a 10% threshold, then confirmed against a fit
    of the samples before it, with threshold ``max(change_sigmas * noise scale, log 1.1)`` of *their*
    residuals (the noise scale of step 3, every sample weighing alike; the current fit, already leaning
-   to the new samples, would inflate the spread). On a change the samples before the run are dropped and
+   to the new samples, would inflate the spread), capped at ``log 2``: a run of samples each 2x off the old
+   fit is off it however noisy the old samples were (latency-bound ones jitter by the scheduler's
+   milliseconds, which says nothing about the link). On a change the samples before the run are dropped and
    the fit is redone; for ``2 * half_life_steps`` steps the latency is then held at the inverse-variance
    pool of the old regime's latency and the new samples' joint estimate (a bandwidth change leaves the
    latency, and a few samples identify it poorly). ``regime_changes`` counts the changes. Detection is
@@ -68,6 +70,10 @@ _MIN_REL_SCALE = 1e-3  # relative residual scale floor: noise-free samples must 
 _IDENTIFIABLE_TOL = 1e-4  # 1 - cos^2 between the latency and bandwidth columns below which they are collinear
 _MIN_WEIGHT = 1e-4  # samples forgotten below this weight are dropped from the window
 _MIN_CHANGE = math.log(1.1)  # a regime change moves the link by more than 10%, whatever the noise
+# ... and samples 2x off the old fit are off it, however noisy it was: latency-bound samples (Kimad's small
+# agree allgather) jitter by the scheduler's milliseconds, and with that in the noise scale a 4x slow-down
+# at 4 ranks stayed within 4 noise scales for 10 steps. (Stall bursts are told apart by their length.)
+_MAX_CHANGE = math.log(2.0)
 _CHANGE_HALF_LIVES = 0.2  # ... and lasts at least this many half-lives (1 step at the default 5)
 _HOLD_HALF_LIVES = 2.0  # after a regime change the old latency is held this many half-lives (few new samples)
 _MUTE_SHARE = 0.5  # a sample spending less of its time on bits than this cannot tell a bandwidth change apart
@@ -472,4 +478,4 @@ class BandwidthEstimator:
         if not np.any(old[3] > 0):
             return 0, None
         scale = _noise_scale(r_old, np.ones(candidate))
-        return trailing_run(old, max(s.change_sigmas * scale, _MIN_CHANGE)), old
+        return trailing_run(old, min(max(s.change_sigmas * scale, _MIN_CHANGE), _MAX_CHANGE)), old
