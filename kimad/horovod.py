@@ -110,15 +110,21 @@ _STATE_VERSION = 1
 # How long a rank sleeps between polls of its own collective: Horovod's synchronize() spins (yield in a loop),
 # so a rank waiting for slower ones took a core from them; at 4 ranks on 2 cores the waiting ranks' spinning
 # stretched every collective (4-22 kB allgathers at 20 Mbit/s took 40-155 ms, the network needs 2-10).
+# It sleeps 2% of the time waited so far, between these bounds: a timing off by at most 2% (or 0.1 ms), and a
+# long wait (a rank idle while rank 0 evaluates) costs ~1,000 wake-ups a second, not 10,000.
 POLL_INTERVAL_S = 1e-4
+MAX_POLL_INTERVAL_S = 1e-3
 
 
 def synchronize(handle):
     """``hvd.synchronize(handle)`` without spinning: the async collective's result, after polling it with
-    ``POLL_INTERVAL_S`` sleeps in between, so a rank that waits leaves the CPU to ranks still working."""
+    sleeps in between (2% of the time waited so far, within ``POLL_INTERVAL_S`` .. ``MAX_POLL_INTERVAL_S``),
+    so a rank that waits leaves the CPU to ranks still working."""
     hvd = _horovod()
+    started = time.perf_counter()
     while not hvd.poll(handle):
-        time.sleep(POLL_INTERVAL_S)
+        waited = time.perf_counter() - started
+        time.sleep(min(max(POLL_INTERVAL_S, 0.02 * waited), MAX_POLL_INTERVAL_S))
     return hvd.synchronize(handle)
 
 

@@ -265,3 +265,7 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
     assert [e["train_s"] for e in evals] == sorted(e["train_s"] for e in evals)
     assert evals[-1]["step"] == len(steps) and all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
     assert evals[-1]["accuracy"] > evals[0]["accuracy"]
+    # the final line's training time leaves the evaluations out, those after training too
+    final = json.loads(next(line for line in (tmp_path / "ranks.out").read_text().splitlines()
+                            if '"workload"' in line and '"kimad"' in line).split(" ", 1)[1])
+    assert final["train_s"] <= steps[-1]["train_s"] + 0.5 < final["wall_s"]

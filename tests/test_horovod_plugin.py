@@ -70,10 +70,14 @@ def test_synchronize_sleeps_between_polls_and_returns_horovods_result(monkeypatc
         poll = staticmethod(lambda handle: next(polls))
         synchronize = staticmethod(lambda handle: ("result of", handle))
 
+    clock = iter([0.0, 0.0, 0.5])  # seconds: the start, then the time at each unfinished poll
+
     monkeypatch.setattr(plugin, "_horovod", lambda: FakeHorovod)
     monkeypatch.setattr(plugin.time, "sleep", sleeps.append)
+    monkeypatch.setattr(plugin.time, "perf_counter", lambda: next(clock))
     assert plugin.synchronize(7) == ("result of", 7)
-    assert sleeps == [plugin.POLL_INTERVAL_S] * 2  # never a busy spin: one sleep per unfinished poll
+    # never a busy spin: one sleep per unfinished poll, 2% of the wait so far within the bounds
+    assert sleeps == [plugin.POLL_INTERVAL_S, plugin.MAX_POLL_INTERVAL_S]
 
 
 @pytest.mark.parametrize("options, match", [

@@ -128,6 +128,12 @@ def _last_step(log_path: Path) -> dict | None:
     return None
 
 
+def job_deadline_s(args: argparse.Namespace) -> float:
+    """How long one job may take: its training, start-up and a slow tail (180 s), and up to 2 s for each
+    evaluation of the snapshots taken every ``--eval-every-s`` (evaluated after training)."""
+    return args.seconds + 180.0 + 2.0 * args.seconds / args.eval_every_s
+
+
 def training_clock(entry: dict, now: float | None = None) -> float:
     """Seconds of training (evaluations excluded) at Unix time ``now``, from the job's latest step entry.
 
@@ -173,10 +179,10 @@ def run_shaped(method: str, args: argparse.Namespace, out: Path, bar) -> int:
                 cluster.set_rate(change.node, change.mbit)
 
         job.start()
-        deadline = time.monotonic() + args.seconds + 180  # start-up and a slow tail, generously
+        deadline = time.monotonic() + job_deadline_s(args)
         _follow(lambda: not job.is_alive() or time.monotonic() > deadline, log_path, bar, args.seconds, tick)
         if job.is_alive():
-            raise E2EError(f"method {method!r} did not finish within {args.seconds + 180:.0f} s; "
+            raise E2EError(f"method {method!r} did not finish within {job_deadline_s(args):.0f} s; "
                            f"see {out / method}.out")
     return result.get("code", 1)
 
@@ -191,7 +197,7 @@ def run_localhost(method: str, args: argparse.Namespace, out: Path, bar) -> int:
         proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT, env=rank_environment(),
                                 start_new_session=True)
         try:
-            deadline = time.monotonic() + args.seconds + 180
+            deadline = time.monotonic() + job_deadline_s(args)
             _follow(lambda: proc.poll() is not None or time.monotonic() > deadline, log_path, bar, args.seconds)
         finally:
             if proc.poll() is None:

@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate_snapshots() -> float:
         """``--eval-after``: rank 0 evaluates every snapshot in order and logs it; every rank gets the last figure."""
-        value = 0.0
+        nonlocal eval_s
+        t0, value = time.perf_counter(), 0.0
         if rank == 0:
             for entry, weights in tqdm(snapshots, desc="evaluating snapshots", unit="snapshot",
                                        disable=not sys.stderr.isatty()):
@@ -207,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 value = evaluate_on(model, test)
                 write({**entry, figure: value})
             tqdm.write(f"evaluated {len(snapshots)} snapshots after training: final {described(value)}")
-        return hvd.broadcast(torch.tensor([value], dtype=torch.float64), root_rank=0, name="train.eval").item()
+        value = synchronize(hvd.broadcast_async(torch.tensor([value], dtype=torch.float64), root_rank=0,
+                                                name="train.eval")).item()
+        eval_s += time.perf_counter() - t0  # (the final line's train_s excludes it)
+        return value
 
     def described(value: float) -> str:
         return f"test accuracy {value:.2%}" if figure == "accuracy" else f"validation loss {value:.3f} nats/token"
