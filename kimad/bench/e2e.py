@@ -102,8 +102,8 @@ def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list
     return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[method],
             "--budget", str(args.budget),
             "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
-            "--eval-every-s", str(args.eval_every_s), "--eval-after", "--quiet-wait", "--seed", str(args.seed), "--log-every", "100",
-            "--step-log", str(log_path)]
+            "--eval-every-s", str(args.eval_every_s), "--eval-after", "--quiet-wait",
+            "--seed", str(args.seed), "--log-every", "100", "--step-log", str(log_path)]
 
 
 def rank_environment() -> dict[str, str]:

@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     step_count, result, stop = 0, float("nan"), False
     evaluated_at = -1  # step_count of the last evaluation
 
+    def from_rank0(value: float) -> float:
+        """Rank 0's figure on every rank; the others wait for it here (without spinning)."""
+        return synchronize(hvd.broadcast_async(torch.tensor([value], dtype=torch.float64), root_rank=0,
+                                               name="train.eval")).item()
+
     # --eval-after: (the evaluation's log entry, rank 0's weights then), evaluated once training is over
     snapshots: list[tuple[dict, dict[str, torch.Tensor]]] = []
 
@@ -191,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 evaluates (every rank holds the same model); the broadcast of its figure holds the others
         # until it is done, so no rank's evaluation leaks into the next step's collectives (and its time).
         value = evaluate_on(model, test) if rank == 0 else 0.0
-        value = synchronize(hvd.broadcast_async(torch.tensor([value], dtype=torch.float64), root_rank=0,
-                                                name="train.eval")).item()
+        value = from_rank0(value)
         eval_s += time.perf_counter() - t0
         write({**entry, figure: value})
         return value
@@ -208,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 value = evaluate_on(model, test)
                 write({**entry, figure: value})
             tqdm.write(f"evaluated {len(snapshots)} snapshots after training: final {described(value)}")
-        value = synchronize(hvd.broadcast_async(torch.tensor([value], dtype=torch.float64), root_rank=0,
-                                                name="train.eval")).item()
+        value = from_rank0(value)
         eval_s += time.perf_counter() - t0  # (the final line's train_s excludes it)
         return value
 

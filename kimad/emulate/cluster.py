@@ -82,8 +82,9 @@ def _used_subnets() -> set[int]:
 _SMALL_PACKET_MASK = "0xff80"  # IPv4 total length & 0xff80 == 0: under 128 bytes
 
 
-def _rate_classes(mbit: float) -> list[tuple[str, str, list[str]]]:
-    """``(classid, parent, htb arguments)`` of the shaping classes for ``mbit`` Mbit/s (handle ``1:``).
+def _rate_classes(mbit: float, handle: str) -> list[tuple[str, str, list[str]]]:
+    """``(classid, parent, htb arguments)`` of the shaping classes for ``mbit`` Mbit/s under the HTB qdisc
+    ``handle`` (``"1:"``, or ``"10:"`` under netem).
 
     Burst of 1 ms of traffic (>= 4 KiB): at 32 KiB a 45 kB message crossed a 20 Mbit/s link at ~40
     Mbit/s, which no real 20 Mbit/s link does. The small-packet leaf is guaranteed 1% of the rate and
@@ -93,9 +94,10 @@ def _rate_classes(mbit: float) -> list[tuple[str, str, list[str]]]:
     small = max(1, kbit // 100)
     burst = str(max(4 * 1024, int(mbit * 1e6 / 8 / 1000)))
     shape = ["burst", burst, "cburst", burst, "quantum", "1514"]
-    return [("1:1", "1:", ["rate", f"{kbit}kbit", "ceil", f"{kbit}kbit", *shape]),
-            ("1:10", "1:1", ["rate", f"{small}kbit", "ceil", f"{kbit}kbit", "prio", "0", *shape]),
-            ("1:20", "1:1", ["rate", f"{kbit - small}kbit", "ceil", f"{kbit}kbit", "prio", "1", *shape])]
+    node = handle + "1"
+    return [(node, handle, ["rate", f"{kbit}kbit", "ceil", f"{kbit}kbit", *shape]),
+            (handle + "10", node, ["rate", f"{small}kbit", "ceil", f"{kbit}kbit", "prio", "0", *shape]),
+            (handle + "20", node, ["rate", f"{kbit - small}kbit", "ceil", f"{kbit}kbit", "prio", "1", *shape])]
 
 
 class Cluster:
@@ -233,8 +235,7 @@ class Cluster:
         if add:
             where = ["parent", "1:", "handle", handle] if netem else ["root", "handle", handle]
             _run("tc", "-n", ns, "qdisc", "add", "dev", self.iface, *where, "htb", "default", "20")
-        for classid, parent, args in _rate_classes(mbit):
-            classid, parent = (x.replace("1:", handle, 1) for x in (classid, parent))
+        for classid, parent, args in _rate_classes(mbit, handle):
             _run("tc", "-n", ns, "class", verb, "dev", self.iface, "parent", parent, "classid", classid, "htb", *args)
         if add:
             _run("tc", "-n", ns, "filter", "add", "dev", self.iface, "parent", handle, "protocol", "ip", "prio", "1",
