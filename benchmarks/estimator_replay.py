@@ -6,10 +6,11 @@ Inputs, per run directory (written by ``python -m kimad.bench``): ``<method>.jso
 step; evaluation rows are skipped) and ``rates-<method>.jsonl`` (the shaped rate over time, with wall
 clock). Each step's ``bytes`` (bytes per rank of its allgather) is paired with the next step's
 ``prev_link_comm_s`` (that allgather's link time, seconds: the minimum over ranks) and fed as one
-allgather sample of world size 4 at the next step, the step at which the plugin learned it; then the
-estimate that step would plan with is read. The plugin's other samples (the small "agree" allgather that
-pins the latency, any allreduce) are not in these logs, so the replay fits latency and bandwidth from the
-allgathers alone.
+allgather sample of world size 4 at the next step, the step at which the plugin learned it; so is its
+small "agree" allgather (``agree_bytes`` with the next step's ``prev_link_agree_s``) where the log has
+its size (runs from session 5 on; older logs replay without it). Then the estimate that step would plan
+with is read. The "new" estimator counts ``--framing`` wire bytes per payload byte (default the plugin's,
+TCP over Ethernet; the logged estimate of runs before framing existed is the payload rate).
 
 Output, per run and estimator (this worktree's ``kimad.control.estimator`` as "new", the one at git
 revision ``--old`` as "old", and the estimate the run itself logged as "logged"): the median absolute
@@ -31,6 +32,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from kimad.control.cost import TCP_ETHERNET_FRAMING  # noqa: E402  (this checkout's, like the "new" estimator)
+
 DEFAULT_RUNS = [ROOT / "runs" / "e2e4-up", ROOT / "runs" / "e2e4-down"]
 WORLD = 4
 
@@ -38,7 +42,6 @@ WORLD = 4
 def load_estimator_class(rev: str | None):
     """BandwidthEstimator of this worktree (``rev=None``) or of ``git show REV:kimad/control/estimator.py``."""
     if rev is None:
-        sys.path.insert(0, str(ROOT))
         from kimad.control.estimator import BandwidthEstimator
         return BandwidthEstimator
     source = subprocess.run(["git", "show", f"{rev}:kimad/control/estimator.py"], cwd=ROOT, check=True,
@@ -69,14 +72,14 @@ def rate_at(changes: list[tuple[float, float]], wall: float) -> float:
     return current
 
 
-def replay(estimator_class, rows: list[dict]) -> list[float]:
-    """The bandwidth estimate (bits/s) each row's step would plan with."""
-    est = estimator_class()
+def replay(estimator_class, rows: list[dict], **options) -> list[float]:
+    """The bandwidth estimate (bits/s) each row's step would plan with (``options`` go to the estimator)."""
+    est = estimator_class(**options)
     estimates = []
     for prev, row in zip([None] + rows[:-1], rows):
-        seconds = row.get("prev_link_comm_s")
-        if prev is not None and prev.get("bytes") is not None and seconds is not None:
-            est.add("allgather", WORLD, int(prev["bytes"]), float(seconds), int(row["step"]))
+        for size, time in (("bytes", "prev_link_comm_s"), ("agree_bytes", "prev_link_agree_s")):
+            if prev is not None and prev.get(size) is not None and row.get(time) is not None:
+                est.add("allgather", WORLD, int(prev[size]), float(row[time]), int(row["step"]))
         estimates.append(est.estimate().bandwidth_bps)
     return estimates
 
@@ -105,6 +108,8 @@ def main() -> None:
     p.add_argument("--method", default="kimad+", help="the method's log to replay (default kimad+)")
     p.add_argument("--old", default="main", help="git revision of the old estimator (default main)")
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the error figures (default 5)")
+    p.add_argument("--framing", type=float, default=TCP_ETHERNET_FRAMING,
+                   help="the new estimator's wire bytes per payload byte (default 1514/1448, the plugin's)")
     args = p.parse_args()
     estimators = {"old": load_estimator_class(args.old), "new": load_estimator_class(None)}
     print(f"{'run':<12} {'estimator':<9} {'MdAPE':>7} {'in 15%':>7} {'worst x':>8}  steps to within 15% "
@@ -112,7 +117,8 @@ def main() -> None:
     for run in args.runs:
         rows, changes = read_run(run, args.method)
         candidates = {"logged": [r.get("bandwidth_bps") for r in rows]}
-        candidates.update({name: replay(cls, rows) for name, cls in estimators.items()})
+        candidates["old"] = replay(estimators["old"], rows)
+        candidates["new"] = replay(estimators["new"], rows, framing=args.framing)
         for name, estimates in candidates.items():
             s = score(rows, estimates, changes, args.warmup)
             rec = ", ".join(f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in s["recovery"])

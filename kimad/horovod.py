@@ -97,7 +97,7 @@ import torch
 from kimad.compressors.topk import decode_topk, encode_topk
 from kimad.compressors.wire import DEFAULT_BUCKET, QSGD_BITS, MessageFormat
 from kimad.control import AutoBudget, BandwidthEstimator, Controller, Plan, TensorProfile
-from kimad.control.cost import CostModel
+from kimad.control.cost import TCP_ETHERNET_FRAMING, CostModel, check_framing
 from kimad.errors import KimadError
 from kimad.feedback import ErrorFeedback
 
@@ -179,8 +179,13 @@ class Kimad:
         densities: top-k densities the menus offer (default: 16 geometric from 1e-4 to 1).
         min_compress_numel: tensors with fewer elements are always sent dense.
         op: reduction when it cannot be read from the calling optimizer: ``hvd.Average`` (default) or ``hvd.Sum``.
-        bandwidth_bps, latency_s: a fixed link model (bits/s, seconds) instead of learning it from timed
+        bandwidth_bps, latency_s: a fixed link model (wire bits/s, seconds) instead of learning it from timed
             collectives; plans then depend only on gradients and budget (reproducible runs).
+        framing: wire bytes per payload byte of the network's transport (default
+            :data:`~kimad.control.cost.TCP_ETHERNET_FRAMING`, 1514 / 1448: TCP over IPv4 and Ethernet, MTU 1500;
+            e.g. ``9014 / 8948`` for MTU 9000, 1 to count payload only). Plans do not depend on it (the
+            estimate and the prices scale together); it makes the bandwidth estimate the link's own rate,
+            headers included, comparable with a NIC's or a shaper's.
         min_byte_share: the share of the budget always left for bytes when the collectives' latencies alone
             would eat more (default 0.5): the step then overruns the budget (``over_budget`` in
             :attr:`metrics`) instead of sending nearly nothing. 0 keeps to the budget strictly.
@@ -192,7 +197,8 @@ class Kimad:
             seconds: ``profile_s`` (error feedback + error profiles), ``plan_s`` (controller),
             ``encode_s`` (top-k encode + dense concatenation), ``decode_s`` (decode, aggregate, estimate),
             ``overhead_s`` (their sum: Kimad's own work), ``agree_s``, ``allgather_s``, ``allreduce_s``
-            (collectives, this rank's wall time; ``actual_comm_s`` = allgather + allreduce), ``dense_route``
+            (collectives, this rank's wall time; ``actual_comm_s`` = allgather + allreduce; ``agree_bytes``
+            the agree allgather's bytes per rank), ``framing`` (the estimate's), ``dense_route``
             (``"allgather"`` when the dense tensors rode in the allgather, ``"allreduce"``, or ``None``),
             ``prev_link_comm_s`` (the previous step's allgather + allreduce time on the link: the minimum
             over ranks, without the wait for slower ranks; ``None`` at the first step) and
@@ -205,7 +211,7 @@ class Kimad:
             top-k, 1 otherwise) and ``kimad/bits/<name>`` (message bits per element).
 
     Raises:
-        KimadError (a named subclass): unknown allocator, compressor or error feedback, bad budget,
+        KimadError (a named subclass): unknown allocator, compressor or error feedback, bad budget or framing,
             ``tensorboard_dir`` without the ``tensorboard`` package.
     """
 
@@ -213,7 +219,7 @@ class Kimad:
                  compressors: Iterable[str] = ("topk",), error_feedback: str | None = "ef21",
                  densities: Iterable[float] | None = None, min_compress_numel: int = 1024, op=None,
                  bandwidth_bps: float | None = None, latency_s: float | None = None,
-                 min_byte_share: float = 0.5, fill_budget: bool = True, metrics_path: str | None = None,
+                 framing: float = TCP_ETHERNET_FRAMING, min_byte_share: float = 0.5, fill_budget: bool = True, metrics_path: str | None = None,
                  log_every: int = 0, tensorboard_dir: str | None = None) -> None:
         compressors = tuple(compressors)
         unknown = [c for c in compressors if c not in SUPPORTED_COMPRESSORS]
@@ -233,12 +239,15 @@ class Kimad:
         self.world_size = hvd.size()
         self.rank = hvd.rank()
         self.fixed_link = bandwidth_bps is not None
-        estimator = None
+        framing = check_framing(framing, KimadError)
         if self.fixed_link:
             estimator = BandwidthEstimator(initial_bandwidth_bps=bandwidth_bps,
-                                           initial_latency_s=latency_s if latency_s is not None else 50e-6)
+                                           initial_latency_s=latency_s if latency_s is not None else 50e-6,
+                                           framing=framing)
         elif latency_s is not None:
             raise KimadError("latency_s is only used with bandwidth_bps (a fixed link model)")
+        else:
+            estimator = BandwidthEstimator(framing=framing)
         self.controller = Controller(world_size=self.world_size, budget=budget_s, allocator=allocator,
                                      compressors=compressors, densities=densities,
                                      min_compress_numel=min_compress_numel, estimator=estimator, batched=True,
@@ -505,7 +514,7 @@ class Kimad:
 
         ended = time.perf_counter()
         timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
-        self._record(plan, digest, samples, agree_s, avg_compute_s, local_errors,
+        self._record(plan, digest, samples, agree_s, agree_bytes, avg_compute_s, local_errors,
                      ended - started, timing, link_s, predicted_comm_s, user_budget)
         # The agree allgather is a sample too (next step, like the others): small, so it pins the latency.
         self._last_samples = samples + [("agree", agree_bytes, agree_s)]
@@ -528,18 +537,18 @@ class Kimad:
                 f"{'; '.join(bad)}. Every rank must use the same Kimad options and parameters")
 
     # -- metrics -----------------------------------------------------------------------------------
-    def _record(self, plan: Plan, digest: str, samples, agree_s, compute_s, local_errors, step_s: float,
+    def _record(self, plan: Plan, digest: str, samples, agree_s, agree_bytes, compute_s, local_errors, step_s: float,
                 timing: dict, link_s: dict, predicted_comm_s: float, budget_s: float) -> None:
         est = self.controller.estimate()
         comm = {kind: s for kind, _, s in samples}
         self.metrics = {
-            "step": plan.step, "bandwidth_bps": est.bandwidth_bps, "latency_s": est.latency_s,
+            "step": plan.step, "bandwidth_bps": est.bandwidth_bps, "latency_s": est.latency_s, "framing": est.framing,
             "budget_s": budget_s, "issued_latency_s": predicted_comm_s - plan.total_time_s,
             "over_budget": plan.over_budget or predicted_comm_s > budget_s * (1 + 1e-9), "plan_digest": digest,
             "predicted_bytes": plan.total_bytes, "actual_bytes": sum(nbytes for _, nbytes, _ in samples),
             "predicted_comm_s": predicted_comm_s,
             "actual_comm_s": comm.get("allgather", 0.0) + comm.get("allreduce", 0.0),
-            "agree_s": agree_s, "compute_s": compute_s, "kimad_step_s": step_s,
+            "agree_s": agree_s, "agree_bytes": agree_bytes, "compute_s": compute_s, "kimad_step_s": step_s,
             "allgather_s": comm.get("allgather", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
             "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
                                  if "allgather" in link_s else None),

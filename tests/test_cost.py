@@ -1,6 +1,7 @@
 """Specification of kimad.control.cost: the alpha-beta ring model, checked against hand computation."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -8,7 +9,8 @@ from hypothesis import strategies as st
 
 from kimad import KimadError
 from kimad.compressors.wire import MessageFormat, message_bytes
-from kimad.control.cost import CostModel, CostModelError, latency_terms, link_bytes
+from kimad.control import BandwidthEstimate
+from kimad.control.cost import TCP_ETHERNET_FRAMING, CostModel, CostModelError, latency_terms, link_bytes
 
 
 def test_allreduce_is_two_n_minus_one_latencies_plus_two_n_minus_one_over_n_of_the_bytes():
@@ -20,6 +22,22 @@ def test_allreduce_is_two_n_minus_one_latencies_plus_two_n_minus_one_over_n_of_t
 def test_allgather_is_n_minus_one_latencies_plus_n_minus_one_messages():
     cm = CostModel(bandwidth_bps=8e9, latency_s=1e-5, world_size=4)
     assert cm.allgather(1_000_000) == pytest.approx(3 * 1e-5 + 3e6 * 8 / 8e9, rel=1e-12)
+
+
+def test_framing_charges_the_headers_at_the_wire_rate():
+    # a 20 Mbit/s TCP/Ethernet link carries 1448 payload bytes per 1514-byte frame
+    cm = CostModel(bandwidth_bps=20e6, latency_s=1e-3, world_size=4, framing=TCP_ETHERNET_FRAMING)
+    assert TCP_ETHERNET_FRAMING == pytest.approx(1514 / 1448)
+    assert cm.allgather(1448) == pytest.approx(3 * 1e-3 + 3 * 1514 * 8 / 20e6, rel=1e-12)
+    payload = CostModel(bandwidth_bps=20e6 / TCP_ETHERNET_FRAMING, latency_s=1e-3, world_size=4)
+    assert cm.allreduce(10**6) == pytest.approx(payload.allreduce(10**6), rel=1e-12)  # same link, two units
+    assert cm.dense_break_even_density(10**5) == payload.dense_break_even_density(10**5)
+
+
+def test_a_model_built_from_an_estimate_prices_with_the_estimate_s_framing():
+    est = BandwidthEstimate(1e9, 1e-5, 0.01, 100.0, True, framing=1.25)
+    assert CostModel.from_estimate(est, 4).framing == 1.25
+    assert CostModel.from_estimate(SimpleNamespace(bandwidth_bps=1e9, latency_s=1e-5), 4).framing == 1.0
 
 
 def test_link_bytes_and_latency_terms_are_the_ring_formulas():
@@ -99,7 +117,8 @@ def test_break_even_counts_the_latencies_the_allgather_saves():
 
 
 @pytest.mark.parametrize("kwargs", [dict(bandwidth_bps=0.0), dict(bandwidth_bps=math.nan), dict(latency_s=-1e-6),
-                                    dict(world_size=0), dict(world_size=2.0)])
+                                    dict(world_size=0), dict(world_size=2.0), dict(framing=0.9),
+                                    dict(framing=math.inf), dict(framing=math.nan), dict(framing=True)])
 def test_impossible_models_raise_a_named_error(kwargs):
     args = dict(bandwidth_bps=1e9, latency_s=1e-5, world_size=2) | kwargs
     with pytest.raises(CostModelError):

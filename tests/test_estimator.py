@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kimad import KimadError
+from kimad.control.cost import TCP_ETHERNET_FRAMING, CostModel
 from kimad.control.estimator import BandwidthEstimator, EstimatorError
 
 
@@ -46,6 +47,20 @@ def test_converges_to_the_true_bandwidth_and_latency_on_noisy_samples_of_differe
     assert got.bandwidth_bps == pytest.approx(bandwidth_bps, rel=0.05)
     assert got.latency_s == pytest.approx(latency_s, rel=0.05)
     assert got.latency_identified
+
+
+def test_with_framing_the_estimate_is_the_wire_rate_and_predicts_the_same_times():
+    # samples from a 20 Mbit/s line whose frames carry 1448 payload bytes in 1514: payload goes at 19.1 Mbit/s
+    framing, line_bps = TCP_ETHERNET_FRAMING, 20e6
+    plain, wire = BandwidthEstimator(half_life_steps=50), BandwidthEstimator(half_life_steps=50, framing=framing)
+    for est in (plain, wire):
+        feed(est, np.random.default_rng(5), 60, line_bps / framing, 1e-3, n=4, sizes=(3, 6))
+    assert wire.estimate().bandwidth_bps == pytest.approx(line_bps, rel=0.03)
+    assert plain.estimate().bandwidth_bps == pytest.approx(line_bps / framing, rel=0.03)
+    assert wire.estimate().framing == framing and plain.estimate().framing == 1.0
+    for nbytes in (100, 10**4, 10**6):
+        assert CostModel.from_estimate(wire.estimate(), 4).allgather(nbytes) == pytest.approx(
+            CostModel.from_estimate(plain.estimate(), 4).allgather(nbytes), rel=1e-6)
 
 
 def test_zero_and_absurdly_fast_durations_are_rejected_and_counted():
@@ -195,7 +210,8 @@ def test_nan_negative_or_unknown_inputs_raise_a_named_error(sample):
 @pytest.mark.parametrize("kwargs", [dict(initial_bandwidth_bps=0), dict(initial_latency_s=-1),
                                     dict(half_life_steps=math.nan),
                                     dict(window=0), dict(outlier_cutoff=-1), dict(max_bandwidth_bps=math.nan),
-                                    dict(change_samples=2), dict(change_sigmas=0)])
+                                    dict(change_samples=2), dict(change_sigmas=0), dict(framing=0.5),
+                                    dict(framing=math.nan)])
 def test_bad_settings_raise_a_named_error(kwargs):
     with pytest.raises(EstimatorError):
         BandwidthEstimator(**kwargs)

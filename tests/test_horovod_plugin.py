@@ -88,6 +88,7 @@ def test_synchronize_sleeps_between_polls_and_returns_horovods_result(monkeypatc
     ({"budget_s": "fast"}, "budget must be seconds"),
     ({"log_every": -1}, "log_every"),
     ({"min_byte_share": 1.5}, "min_byte_share"),
+    ({"framing": 0.5}, "framing must be a finite number >= 1"),
 ])
 def test_bad_options_raise_named_kimad_errors(hvd, options, match):
     model = nn.Linear(64, 64)
@@ -174,6 +175,10 @@ def test_metrics_break_a_step_down_into_kimads_own_work_and_its_collectives(hvd)
     assert m["actual_comm_s"] == pytest.approx(m["allgather_s"] + m["allreduce_s"])
     # The parts and the collectives are disjoint intervals of the step.
     assert m["overhead_s"] + m["agree_s"] + m["actual_comm_s"] <= m["kimad_step_s"] + 1e-9
+    # the agree message, float64: per tensor its squared norm, one error per density for the two weights (the
+    # biases are below min_compress_numel), then 3 collective timings, the compute time and a flag
+    assert m["agree_bytes"] == 8 * (4 + 2 * len(compression.controller.densities) + 5)
+    assert m["framing"] == pytest.approx(1514 / 1448)
 
 
 def test_tensorboard_dir_gets_every_steps_scalars_and_per_tensor_density_and_bits(hvd, tmp_path):
@@ -359,8 +364,9 @@ def test_measured_communication_time_tracks_a_fixed_budget():
 @pytest.mark.horovod
 @pytest.mark.timeout(400)
 def test_measured_communication_time_tracks_a_fixed_budget_on_a_shaped_link(tmp_path):
-    # The same claim on a link whose rate the kernel enforces (2 emulated nodes, tbf at 50 Mbit/s): there the
+    # The same claim on a link whose rate the kernel enforces (2 emulated nodes, HTB at 50 Mbit/s): there the
     # link, not this machine's CPU load, sets the collectives' times, so the claim is checked, never skipped.
+    # The estimate, in wire bits (TCP/Ethernet framing, the default), reads the shaped rate within 15%.
     if os.geteuid() != 0:
         pytest.skip(f"the emulated cluster needs root; running as uid {os.geteuid()}")
     from kimad.bench.e2e import rank_environment
@@ -379,6 +385,7 @@ def test_measured_communication_time_tracks_a_fixed_budget_on_a_shaped_link(tmp_
     assert r["median_bytes"] < 0.5 * r["dense_bytes"]
     assert r["within_25pct"] >= 0.8, r["ratios"]
     assert 0.75 <= r["median_ratio"] <= 1.25
+    assert r["bandwidth_bps"] == pytest.approx(50e6, rel=0.15)
 
 
 def test_resnet18_for_32x32_images_has_resnet18s_parameters():

@@ -1,6 +1,6 @@
 """Alpha-beta cost model of the ring collectives, and the prices of one tensor's message.
 
-A ring collective over ``n`` ranks costs ``latency_terms * alpha + link_bytes * 8 / bandwidth``
+A ring collective over ``n`` ranks costs ``latency_terms * alpha + link_bytes * framing * 8 / bandwidth``
 seconds, where (the only place these formulas live; the estimator inverts them):
 
 ``allreduce`` of ``D`` bytes:            ``2 (n - 1) / n * D`` bytes on each link, ``2 (n - 1)`` latencies
@@ -8,6 +8,13 @@ seconds, where (the only place these formulas live; the estimator inverts them):
 ``allgather`` of ``m`` bytes per rank:   ``(n - 1) * m`` bytes on each link, ``n - 1`` latencies.
 
 With ``n == 1`` nothing is communicated and both cost 0 seconds.
+
+Framing: a collective counts message (payload) bytes, but a link's rate is quoted in -- and a shaper or NIC
+meters -- the frames that carry them, headers included. ``framing`` is wire bytes per payload byte; the
+bandwidth is then the link's rate in wire bits, the rate one would read off the link itself. For bulk TCP over
+IPv4 and Ethernet with MTU 1500 (:data:`TCP_ETHERNET_FRAMING`) each 1448-byte segment (1500 less 20 IP, 20 TCP
+and 12 timestamp-option bytes) goes out as a 1514-byte frame (+14 Ethernet header, as Linux's traffic control
+meters it): 4.6% of the rate is headers. ``framing = 1`` makes the bandwidth the payload rate.
 """
 
 from __future__ import annotations
@@ -20,10 +27,18 @@ from kimad.compressors.wire import MessageFormat, message_bytes
 from kimad.errors import KimadError
 
 COLLECTIVES = ("allreduce", "allgather")
+TCP_ETHERNET_FRAMING = 1514 / 1448  # wire bytes per payload byte: bulk TCP/IPv4 over Ethernet, MTU 1500
 
 
 class CostModelError(KimadError, ValueError):
     """A cost model was built or queried with an impossible argument (bandwidth <= 0, world size < 1, ...)."""
+
+
+def check_framing(framing: float, error: type[Exception] = CostModelError) -> float:
+    """``framing`` as a float if it is a finite number >= 1 (wire bytes per payload byte), else raise ``error``."""
+    if isinstance(framing, bool) or not isinstance(framing, (int, float)) or not (1.0 <= framing < math.inf):
+        raise error(f"framing must be a finite number >= 1 (wire bytes per payload byte), got {framing!r}")
+    return float(framing)
 
 
 def _check_collective(collective: str, world_size: int) -> None:
@@ -60,18 +75,21 @@ class CostModel:
     """Predicted seconds of Kimad's collectives for a bandwidth estimate and a world size.
 
     Attributes:
-        bandwidth_bps: link bandwidth in bits per second (> 0, may be ``inf``).
+        bandwidth_bps: link bandwidth in wire bits per second (> 0, may be ``inf``).
         latency_s: per-message latency alpha in seconds (>= 0).
         world_size: number of ranks ``n`` (>= 1).
         batched: the step's messages travel together, in collectives whose latencies are paid once per
             step (:meth:`batched_byte_budget`), so :meth:`option_time` prices an option's bytes only.
             Unbatched, each option pays its own collective's latencies too.
+        framing: wire bytes per payload byte (>= 1; see the module docstring): 1 makes ``bandwidth_bps``
+            the payload rate.
     """
 
     bandwidth_bps: float
     latency_s: float
     world_size: int
     batched: bool = False
+    framing: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.bandwidth_bps > 0):  # also rejects NaN
@@ -79,11 +97,14 @@ class CostModel:
         if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
             raise CostModelError(f"latency_s must be a finite number >= 0 seconds, got {self.latency_s!r}")
         _check_collective("allreduce", self.world_size)
+        object.__setattr__(self, "framing", check_framing(self.framing))
 
     @classmethod
     def from_estimate(cls, estimate, world_size: int, batched: bool = False) -> "CostModel":
-        """Build from anything with ``bandwidth_bps`` and ``latency_s`` (e.g. a ``BandwidthEstimator.estimate()``)."""
-        return cls(float(estimate.bandwidth_bps), float(estimate.latency_s), world_size, batched)
+        """Build from anything with ``bandwidth_bps``, ``latency_s`` and optionally ``framing`` (1 if absent;
+        e.g. a ``BandwidthEstimator.estimate()``, whose bandwidth is in the framing it was fitted with)."""
+        return cls(float(estimate.bandwidth_bps), float(estimate.latency_s), world_size, batched,
+                   getattr(estimate, "framing", 1.0))
 
     def collective_time(self, collective: str, nbytes: float) -> float:
         """Seconds of one ``collective`` moving ``nbytes`` (see :func:`link_bytes` for their meaning)."""
@@ -92,7 +113,7 @@ class CostModel:
         if self.world_size == 1:
             return 0.0
         return (latency_terms(collective, self.world_size) * self.latency_s
-                + 8.0 * link_bytes(collective, self.world_size, nbytes) / self.bandwidth_bps)
+                + 8.0 * self.framing * link_bytes(collective, self.world_size, nbytes) / self.bandwidth_bps)
 
     def allreduce(self, total_bytes: float) -> float:
         """Seconds to allreduce a buffer of ``total_bytes`` bytes."""
@@ -128,7 +149,7 @@ class CostModel:
         allgather's latency is paid anyway) than in an allreduce of their own.
 
         Always at 2 ranks (equal link bytes, no extra latency); at n > 2 ranks up to
-        ``2 * latency * bandwidth * n / (n - 2)`` bits, as a ring allgather sends each rank's bytes n - 1
+        ``2 * latency * bandwidth * n / (n - 2)`` wire bits, as a ring allgather sends each rank's bytes n - 1
         times against an allreduce's ``2 (n - 1) / n`` but the allreduce pays ``2 (n - 1)`` latencies.
         """
         added = self.collective_time("allgather", nbytes) - self.latency_s * latency_terms("allgather", self.world_size)
@@ -163,7 +184,7 @@ class CostModel:
 
         Derivation (bandwidth terms): a top-k message of ``m`` bytes costs ``(n-1) m`` bytes per link,
         dense fp32 costs ``2 (n-1)/n * D`` with ``D = 4 numel``, so sparse wins iff ``m < 2 D / n``
-        (plus ``alpha * bandwidth / 8`` bytes, because the allgather pays ``n-1`` fewer latencies).
+        (plus ``alpha * bandwidth / (8 framing)`` bytes, because the allgather pays ``n-1`` fewer latencies).
         With int32 indices ``m ~ 8 k``, i.e. ``k / numel < 1 / n``; with the ``numel / 8``-byte bitmap
         ``m ~ 4 k + numel / 8``, i.e. ``k / numel < 2 / n - 1 / 32`` (the smaller message is sent, so the
         bitmap decides for ``n < 32``). Either way sparse only pays off below roughly ``1/n`` density,

@@ -1,8 +1,8 @@
 """Online estimate of the link's bandwidth and latency from timed collectives (the alpha-beta model).
 
 Every timed collective gives one sample ``seconds ~ alpha * T + beta * X``: ``T`` latency terms and ``X``
-bits on each ring link (:func:`kimad.control.cost.latency_terms` and :func:`~kimad.control.cost.link_bytes`,
-the same formulas the cost model predicts with), ``alpha`` the per-message latency in seconds and
+wire bits on each ring link (:func:`kimad.control.cost.latency_terms`, and :func:`~kimad.control.cost.link_bytes`
+times ``framing``, wire bytes per payload byte: the same formulas the cost model predicts with), ``alpha`` the per-message latency in seconds and
 ``beta = 1 / bandwidth`` in seconds per bit. The fit, redone lazily when an estimate is asked for:
 
 1. Take the last ``window`` samples; weigh each by ``0.5 ** ((step_now - step) / half_life_steps)``
@@ -60,7 +60,7 @@ import math
 
 import numpy as np
 
-from kimad.control.cost import COLLECTIVES, latency_terms, link_bytes
+from kimad.control.cost import COLLECTIVES, check_framing, latency_terms, link_bytes
 from kimad.errors import KimadError
 
 _HUBER_C = 1.345
@@ -92,12 +92,14 @@ class BandwidthEstimate:
     """The current alpha-beta estimate.
 
     Attributes:
-        bandwidth_bps: link bandwidth, bits per second.
+        bandwidth_bps: link bandwidth, wire bits per second (payload bits times ``framing``).
         latency_s: per-message latency alpha, seconds.
         bandwidth_rel_stderr: relative standard error of ``bandwidth_bps`` from the fit residuals
             (``inf`` while there are too few effective samples to tell).
         effective_samples: Kish effective sample count ``(sum u)^2 / sum u^2`` of the final fit weights.
         latency_identified: whether ``latency_s`` was fitted jointly in this fit (else it was held).
+        framing: wire bytes per payload byte the samples were counted with (1: ``bandwidth_bps`` is the
+            payload rate); :meth:`kimad.control.cost.CostModel.from_estimate` prices with it.
     """
 
     bandwidth_bps: float
@@ -105,13 +107,14 @@ class BandwidthEstimate:
     bandwidth_rel_stderr: float
     effective_samples: float
     latency_identified: bool
+    framing: float = 1.0
 
 
 @dataclasses.dataclass
 class EstimatorState:
     """Everything a :class:`BandwidthEstimator` knows: configuration, samples, counters, last fit.
 
-    ``samples`` holds ``(latency_terms, link_bits, seconds, step)`` per accepted sample.
+    ``samples`` holds ``(latency_terms, link_wire_bits, seconds, step)`` per accepted sample.
     """
 
     initial_bandwidth_bps: float = 1e9
@@ -123,6 +126,7 @@ class EstimatorState:
     change_samples: int = 3
     change_sigmas: float = 4.0
     stall_steps: int = 4
+    framing: float = 1.0
     samples: list = dataclasses.field(default_factory=list)
     step_now: int = 0
     rejected_zero_duration: int = 0
@@ -171,7 +175,7 @@ class BandwidthEstimator:
     """Weighted, robust, forgetting least-squares fit of bandwidth (bits/s) and latency (s); see the module docstring.
 
     Args:
-        initial_bandwidth_bps: prior bandwidth, bits/s, reported before any sample.
+        initial_bandwidth_bps: prior bandwidth, wire bits/s, reported before any sample.
         initial_latency_s: prior latency, seconds, reported before any sample and held while the
             samples cannot identify it.
         half_life_steps: a sample ``half_life_steps`` steps old weighs half as much as a new one.
@@ -183,12 +187,14 @@ class BandwidthEstimator:
         stall_steps: the longest burst of stalled steps to ride out: a run of slow samples is a slower link
             only once it spans more than this many steps (faster samples need no such wait: stalls never
             make a collective faster).
+        framing: wire bytes per payload byte (>= 1; :data:`kimad.control.cost.TCP_ETHERNET_FRAMING` for TCP
+            over Ethernet): the estimate is then the link's rate in wire bits. 1 (default): payload bits.
     """
 
     def __init__(self, *, initial_bandwidth_bps: float = 1e9, initial_latency_s: float = 50e-6,
                  half_life_steps: float = 5.0, window: int = 512, max_bandwidth_bps: float = 1e13,
                  outlier_cutoff: float = 5.0, change_samples: int = 3, change_sigmas: float = 4.0,
-                 stall_steps: int = 4) -> None:
+                 stall_steps: int = 4, framing: float = 1.0) -> None:
         if not math.isfinite(float(initial_latency_s)) or initial_latency_s < 0:
             raise EstimatorError(f"initial_latency_s must be a finite number >= 0 seconds, got {initial_latency_s!r}")
         if not isinstance(window, int) or window < 1:
@@ -208,6 +214,7 @@ class BandwidthEstimator:
             change_samples=change_samples,
             change_sigmas=_positive("change_sigmas", change_sigmas),
             stall_steps=stall_steps,
+            framing=check_framing(framing, EstimatorError),
         )
         self.state.bandwidth_bps = self.state.initial_bandwidth_bps
         self.state.latency_s = self.state.initial_latency_s
@@ -255,7 +262,7 @@ class BandwidthEstimator:
         if seconds == 0:
             s.rejected_zero_duration += 1
             return False
-        bits = 8.0 * link_bytes(kind, world_size, float(bytes_per_rank))
+        bits = 8.0 * s.framing * link_bytes(kind, world_size, float(bytes_per_rank))
         if bits / seconds > s.max_bandwidth_bps:
             s.rejected_too_fast += 1
             return False
@@ -280,7 +287,7 @@ class BandwidthEstimator:
             self._fit()
             s.fitted = True
         return BandwidthEstimate(s.bandwidth_bps, s.latency_s, s.bandwidth_rel_stderr, s.effective_samples,
-                                 s.latency_identified)
+                                 s.latency_identified, s.framing)
 
     @property
     def bandwidth_bps(self) -> float:
