@@ -199,6 +199,12 @@ def test_set_up_creates_nodes_and_tear_down_removes_everything():
         classes = subprocess.run(["tc", "-n", cluster.namespaces[2], "class", "show", "dev", "eth0"],
                                  capture_output=True, text=True).stdout
         assert "class htb 1:1 root rate 50Mbit ceil 50Mbit" in classes, classes
+        # a loss-based congestion control in every node (BBR starved the sub-millisecond links)
+        assert cluster.congestion_control in ("cubic", "reno")
+        for ns in cluster.namespaces:
+            cc = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+                                capture_output=True, text=True).stdout.strip()
+            assert cc == cluster.congestion_control
     assert cluster.leftovers() == []
 
 

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                           play=not args.check)
         with cluster:
             print(f"kimad.emulate: {args.nodes} nodes {cluster.prefix}n*, {cluster.address(0)}.., "
-                  f"bridge {cluster.bridge} at {cluster.bridge_address}, trace {args.trace}", file=sys.stderr, flush=True)
+                  f"bridge {cluster.bridge} at {cluster.bridge_address}, trace {args.trace}, "
+                  f"TCP {cluster.congestion_control}", file=sys.stderr, flush=True)
             if args.check:
                 check(cluster, args.check_seconds)
                 return 0

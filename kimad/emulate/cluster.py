@@ -6,8 +6,11 @@ Each node ``i`` is a namespace ``kimad-<pid>-<k>-n<i>`` holding one end of a vet
 ``netem`` when a delay or loss is asked for) with a burst of only 1 ms of traffic, so that short
 messages see the rate too, and packets under 128 bytes (ACKs, Gloo's rendezvous notices) ahead of
 bulk data, as a host's fq_codel would put them; and each namespace keeps TCP's congestion window across idle gaps
-(``net.ipv4.tcp_slow_start_after_idle=0``, as tuned training hosts do). A :class:`TracePlayer`
-thread changes the rates over time.
+(``net.ipv4.tcp_slow_start_after_idle=0``, as tuned training hosts do) and uses a loss-based congestion control,
+Linux's default cubic, or reno where cubic cannot be loaded (:data:`CONGESTION_CONTROLS`): BBR, the default of
+some hosts (this one's), sizes its window to the path's delay, and on these sub-millisecond links held it at a
+few packets, so a ring allgather got 0.70 of a 100 Mbit/s link (reno: 0.91; 0.957 is the framing's limit).
+A :class:`TracePlayer` thread changes the rates over time.
 
 ``Cluster`` is a context manager: everything it creates (namespaces, links, qdiscs,
 ``/etc/netns/<ns>`` files, processes it started) is removed on exit, on exceptions, on SIGTERM
@@ -42,6 +45,7 @@ class PrivilegeError(ClusterError):
 
 
 SUBNETS = 512  # /24s in 198.18.0.0/15
+CONGESTION_CONTROLS = ("cubic", "reno")  # each namespace's TCP congestion control: the first the kernel accepts
 NETNS_ETC = Path("/etc/netns")
 _serial = itertools.count()
 _live: set["Cluster"] = set()
@@ -148,6 +152,7 @@ class Cluster:
         self._torn_down = True
         self.subnet = None
         self.t0 = None
+        self.congestion_control: str | None = None  # set up: the namespaces' TCP congestion control
 
     # -- addresses -----------------------------------------------------------------------
     def address(self, node: int) -> str:
@@ -210,6 +215,7 @@ class Cluster:
             # with the default, every step's collective restarts from slow start, and a message of tens of
             # kB never reaches the shaped rate.
             _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0")
+            self._set_congestion_control(ns)
             self._shape(i, self.rates[i], add=True)
             # Gloo resolves the machine's hostname; inside the namespace it must be this node's address.
             (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
@@ -219,6 +225,16 @@ class Cluster:
         self.t0 = time.monotonic()
         for i, mbit in enumerate(self.rates):
             self._log(i, mbit)
+
+    def _set_congestion_control(self, ns: str) -> None:
+        """Set the first of :data:`CONGESTION_CONTROLS` the kernel takes in namespace ``ns`` (in
+        :attr:`congestion_control`); reno is built into every Linux, so failing all is an error."""
+        for name in CONGESTION_CONTROLS:
+            key = f"net.ipv4.tcp_congestion_control={name}"
+            if _run("ip", "netns", "exec", ns, "sysctl", "-qw", key, check=False).returncode == 0:
+                self.congestion_control = name
+                return
+        raise ClusterError(f"namespace {ns} accepts none of the TCP congestion controls {CONGESTION_CONTROLS}")
 
     def _shape(self, node: int, mbit: float, add: bool = False) -> None:
         ns, verb = self.namespaces[node], ("add" if add else "change")
