@@ -97,6 +97,22 @@ def test_recovery_counts_the_steps_after_a_rate_change(logs):
     assert figure == "3 steps" and met
 
 
+def test_a_swinging_trace_summarises_recovery_and_leaves_out_a_change_too_late_to_judge():
+    # 60 steps of 1 s; the link swings 100 <-> 20 Mbit/s at steps 10, 20, ..., 50 and once more at step 57;
+    # the estimate follows each change 2 steps late
+    rates = [{"wall": T0, "node": 0, "mbit": 100.0}]
+    rates += [{"wall": T0 + k + 0.5, "node": 0, "mbit": 20.0 if j % 2 == 0 else 100.0}
+              for j, k in enumerate((10, 20, 30, 40, 50, 57))]
+    run = report.Run("kimad+", [], [], rates)
+    shaped = [run.shaped_bps(T0 + i + 1) for i in range(60)]
+    run.steps = [{"step": i, "t": i + 1.0, "train_s": i + 1.0, "wall": T0 + i + 1, "bytes": 1,
+                  "bandwidth_bps": shaped[max(0, i - 2)]} for i in range(60)]
+    assert report.recovery_steps(run) == [2, 2, 2, 2, 2]  # the change at step 57 has 3 steps after it
+    rows = {what: (figure, met) for what, figure, met in report.targets({"kimad+": run}, TARGET)}
+    assert rows["kimad+: within ±15% of a new rate <= 5 steps after a change"] == (
+        "5 changes: 5 within 5 steps; median 2, worst 2 steps", True)
+
+
 def test_comm_share_counts_steps_within_a_quarter_of_the_budget(logs):
     runs = report.load_runs(logs, ["static0.01", "kimad+"])
     assert report.comm_within_budget_share(runs["kimad+"]) == 1.0
@@ -269,3 +285,12 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
     final = json.loads(next(line for line in (tmp_path / "ranks.out").read_text().splitlines()
                             if '"workload"' in line and '"kimad"' in line).split(" ", 1)[1])
     assert final["train_s"] <= steps[-1]["train_s"] + 0.5 < final["wall_s"]
+
+
+@pytest.mark.parametrize("argv, words", [(["--nodes", "1"], "--nodes must be >= 2"),
+                                         (["--seconds", "0"], "must be > 0"),
+                                         (["--period", "0"], "--period must be > 0 seconds")])
+def test_bad_comparison_options_exit_2_naming_the_option(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2 and words in capsys.readouterr().err

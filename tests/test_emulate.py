@@ -125,6 +125,14 @@ def test_step_up_rises_from_a_fifth_halfway():
     assert (rate_at(trace, 1, 4.99), rate_at(trace, 1, 5.0)) == (20, 100)
 
 
+def test_square_swings_between_the_base_rate_and_a_fifth_every_period():
+    trace = builtin_trace("square", 2, rate_mbit=100, duration_s=20)  # default period: 5 s phases
+    for node in range(2):
+        assert [rate_at(trace, node, t) for t in (0, 4.99, 5, 9.99, 10, 15, 19.99)] == [100, 100, 20, 20, 100, 20, 20]
+    assert sorted({c.time_s for c in trace}) == [0, 5, 10, 15]  # no switch at the very end
+    assert {c.time_s for c in builtin_trace("square", 1, duration_s=3, period_s=1)} == {0, 1, 2}
+
+
 def test_sine_swings_between_a_fifth_and_the_base_rate():
     trace = builtin_trace("sine", 2, rate_mbit=100, duration_s=20, period_s=0.5)
     rates = [c.mbit for c in trace]

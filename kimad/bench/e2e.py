@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=2, help="emulated nodes = Horovod ranks (default: 2)")
     p.add_argument("--trace", default="step-down", help="kimad.emulate trace (default: step-down)")
     p.add_argument("--rate", type=float, default=100.0, help="base rate of the trace, Mbit/s (default: 100)")
+    p.add_argument("--period", type=float, default=None,
+                   help="phase length of the square trace (default: 5 s), sampling period of sine/cloud (1 s)")
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
                    help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; --quick: "
                         f"{' '.join(QUICK_METHODS)})")
@@ -94,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--target-loss must be > 0 nats/token")
     if not args.seconds > 0 or not args.eval_every_s > 0:
         p.error("--seconds and --eval-every-s must be > 0")
+    if args.period is not None and not args.period > 0:
+        p.error("--period must be > 0 seconds")
     return args
 
 
@@ -165,7 +169,7 @@ def run_shaped(method: str, args: argparse.Namespace, out: Path, bar) -> int:
     from kimad.emulate import Cluster, run_horovod
 
     log_path, rates_path = out / f"{method}.jsonl", out / f"rates-{method}.jsonl"
-    cluster = Cluster(args.nodes, args.trace, rate_mbit=args.rate, duration_s=args.seconds,
+    cluster = Cluster(args.nodes, args.trace, rate_mbit=args.rate, duration_s=args.seconds, period_s=args.period,
                       log_path=rates_path, play=False)
     result: dict[str, int] = {}
     with cluster, open(out / f"{method}.out", "w") as console:
@@ -223,7 +227,8 @@ def run(args: argparse.Namespace) -> Path:
             print(f"e2e: {error}; running the same comparison on localhost WITHOUT shaping", file=sys.stderr)
             shaped, unshaped_reason = False, str(error)
     meta = {"workload": args.workload, "nodes": args.nodes, "trace": args.trace if shaped else None,
-            "rate_mbit": args.rate if shaped else None, "seconds": args.seconds, "budget": args.budget,
+            "rate_mbit": args.rate if shaped else None, "period_s": args.period if shaped else None,
+            "seconds": args.seconds, "budget": args.budget,
             "eval_every_s": args.eval_every_s, "target": args.target,
             "target_loss": args.target_loss, "seed": args.seed, "methods": args.methods,
             "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}), "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -100,10 +100,13 @@ def estimate_errors(run: Run, skip: int = RECOVERY_STEPS) -> list[float]:
 
 
 def recovery_steps(run: Run) -> list[int | None]:
-    """Per rate change: steps after it until the estimate is within 15% of the new rate (``None``: never)."""
+    """Per rate change: steps after it until the estimate is within 15% of the new rate (``None``: never).
+    A change followed by no more than ``RECOVERY_STEPS`` steps (the run ended) cannot be judged: left out."""
     out = []
     for wall, new in run.rate_changes():
         after = [s for s in run.steps if s["wall"] >= wall and "bandwidth_bps" in s]
+        if len(after) <= RECOVERY_STEPS:
+            continue
         out.append(next((i for i, s in enumerate(after) if abs(s["bandwidth_bps"] - new) / new <= ESTIMATE_TOLERANCE),
                         None))
     return out
@@ -163,6 +166,11 @@ def targets(runs: dict[str, Run], target: float) -> list[tuple[str, str, bool | 
         rec = recovery_steps(run) if run.rates else []
         if rec:
             text = ", ".join("never" if r is None else f"{r} steps" for r in rec)
+            if len(rec) > 4:  # a swinging trace: the spread, not every change
+                seen = sorted(r for r in rec if r is not None)
+                text = (f"{len(rec)} changes: {sum(r <= RECOVERY_STEPS for r in seen)} within "
+                        f"{RECOVERY_STEPS} steps; median {statistics.median(seen) if seen else '-'}, worst "
+                        f"{'never' if len(seen) < len(rec) else seen[-1]} steps")
             rows.append((f"{name}: within ±15% of a new rate <= {RECOVERY_STEPS} steps after a change", text,
                          all(r is not None and r <= RECOVERY_STEPS for r in rec)))
         else:
@@ -334,7 +342,8 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     metric, target = evaluation_target(meta)
     lines = ["# Kimad end-to-end comparison", ""]
     if meta["shaped"]:
-        lines.append(f"{meta['nodes']} emulated nodes (`kimad.emulate`), trace `{meta['trace']}` at base "
+        period = f" (period {meta['period_s']:g} s)" if meta.get("period_s") else ""
+        lines.append(f"{meta['nodes']} emulated nodes (`kimad.emulate`), trace `{meta['trace']}`{period} at base "
                      f"{meta['rate_mbit']:g} Mbit/s over {meta['seconds']:g} s (played on each method's training "
                      "clock, evaluations excluded), ")
     else:

@@ -29,7 +29,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--rate", type=float, default=100.0, help="base rate of built-in traces, Mbit/s (default: 100)")
     p.add_argument("--duration", type=float, default=60.0,
                    help="time scale of built-in traces, seconds (step-down switches at half) (default: 60)")
-    p.add_argument("--period", type=float, default=1.0, help="sampling period of sine/cloud, seconds (default: 1)")
+    p.add_argument("--period", type=float, default=None,
+                   help="sampling period of sine/cloud (default: 1 s), phase length of square (default: 5 s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cloud trace (default: 0)")
     p.add_argument("--delay-ms", type=float, default=0.0, help="netem delay on every node's egress, ms (default: 0)")
     p.add_argument("--loss", type=float, default=0.0, help="netem loss on every node's egress, percent (default: 0)")

@@ -108,7 +108,7 @@ class Cluster:
     """``nodes`` namespaces behind one bridge, egress shaped per node by ``trace`` (Mbit/s over seconds).
 
     ``trace`` is a built-in name, a CSV path, or a tuple of :class:`RateChange`; ``rate_mbit``,
-    ``duration_s``, ``period_s`` and ``seed`` parametrise built-ins. ``delay_ms`` and ``loss_pct`` add netem
+    ``duration_s``, ``period_s`` (``None``: the trace's default) and ``seed`` parametrise built-ins. ``delay_ms`` and ``loss_pct`` add netem
     delay (milliseconds) and loss (percent) on every node's egress. Every applied rate is kept
     in :attr:`applied` and, when ``log_path`` is given, appended there as JSON lines.
     """
@@ -121,7 +121,7 @@ class Cluster:
         delay_ms: float = 0.0,
         loss_pct: float = 0.0,
         duration_s: float = 60.0,
-        period_s: float = 1.0,
+        period_s: float | None = None,
         seed: int = 0,
         log_path: str | os.PathLike | None = None,
         play: bool = True,

@@ -8,9 +8,14 @@ Built-ins, for ``nodes`` nodes, a base ``rate_mbit`` R and a ``duration_s`` D:
 - ``constant``: R on every node.
 - ``step-down``: R, then R/5 from D/2 on (100 -> 20 Mbit/s).
 - ``step-up``: R/5, then R from D/2 on.
+- ``square``: R and R/5 in turn, switching every ``period_s`` (R first): 100 -> 20 -> 100 -> ... Mbit/s.
 - ``sine``: R * (0.6 + 0.4 sin(2 pi t / D)), sampled every ``period_s``; between 0.2 R and R.
 - ``cloud``: a seeded multiplicative random walk per node, clamped to [0.1 R, R], every ``period_s``.
 - ``hetero``: node i holds R * (1 - 0.75 i / (nodes - 1)), from R down to R/4.
+
+``period_s`` left ``None`` takes the trace's default (:data:`DEFAULT_PERIOD_S`): 5 s phases for ``square``
+(long enough for the estimator to settle, ~50 steps of a small CNN, and for several swings in a minute of
+training), 1 s samples for ``sine`` and ``cloud``.
 
 A CSV file gives ``time_s,node,mbit`` per line (node = index or ``*`` for every node; a header
 line and ``#`` comments are allowed). Nodes the file leaves without a rate at time 0 start at R.
@@ -39,7 +44,8 @@ class RateChange:
     mbit: float
 
 
-BUILTIN_TRACES = ("constant", "step-down", "step-up", "sine", "cloud", "hetero")
+BUILTIN_TRACES = ("constant", "step-down", "step-up", "square", "sine", "cloud", "hetero")
+DEFAULT_PERIOD_S = {"square": 5.0}  # a built-in's period when none is given; the others: 1 s
 
 
 def _check_shape(nodes: int, rate_mbit: float, duration_s: float, period_s: float) -> None:
@@ -58,10 +64,13 @@ def builtin_trace(
     nodes: int,
     rate_mbit: float = 100.0,
     duration_s: float = 60.0,
-    period_s: float = 1.0,
+    period_s: float | None = None,
     seed: int = 0,
 ) -> tuple[RateChange, ...]:
-    """The built-in trace ``name`` (one of :data:`BUILTIN_TRACES`); rates in Mbit/s, times in seconds."""
+    """The built-in trace ``name`` (one of :data:`BUILTIN_TRACES`); rates in Mbit/s, times in seconds
+    (``period_s`` ``None``: the trace's default, :data:`DEFAULT_PERIOD_S`)."""
+    if period_s is None:
+        period_s = DEFAULT_PERIOD_S.get(name, 1.0)
     _check_shape(nodes, rate_mbit, duration_s, period_s)
     every = range(nodes)
     r = float(rate_mbit)
@@ -72,6 +81,9 @@ def builtin_trace(
         changes = [RateChange(0.0, i, r) for i in every] + [RateChange(duration_s / 2, i, r / 5) for i in every]
     elif name == "step-up":
         changes = [RateChange(0.0, i, r / 5) for i in every] + [RateChange(duration_s / 2, i, r) for i in every]
+    elif name == "square":
+        changes = [RateChange(t, i, r if k % 2 == 0 else r / 5) for k, t in enumerate(samples) for i in every
+                   if t < duration_s]  # a switch at the very end would be measured by nothing
     elif name == "sine":
         changes = [
             RateChange(t, i, r * (0.6 + 0.4 * math.sin(2 * math.pi * t / duration_s))) for t in samples for i in every
@@ -139,10 +151,10 @@ def load_trace(
     nodes: int,
     rate_mbit: float = 100.0,
     duration_s: float = 60.0,
-    period_s: float = 1.0,
+    period_s: float | None = None,
     seed: int = 0,
 ) -> tuple[RateChange, ...]:
-    """A built-in trace by name, or the CSV file at path ``spec``."""
+    """A built-in trace by name, or the CSV file at path ``spec`` (``period_s``: see :func:`builtin_trace`)."""
     if spec in BUILTIN_TRACES:
         return builtin_trace(spec, nodes, rate_mbit, duration_s, period_s, seed)
     path = Path(spec)
