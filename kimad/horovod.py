@@ -183,9 +183,10 @@ class Kimad:
             collectives; plans then depend only on gradients and budget (reproducible runs).
         framing: wire bytes per payload byte of the network's transport (default
             :data:`~kimad.control.cost.TCP_ETHERNET_FRAMING`, 1514 / 1448: TCP over IPv4 and Ethernet, MTU 1500;
-            e.g. ``9014 / 8948`` for MTU 9000, 1 to count payload only). Plans do not depend on it (the
-            estimate and the prices scale together); it makes the bandwidth estimate the link's own rate,
-            headers included, comparable with a NIC's or a shaper's.
+            e.g. ``9014 / 8948`` for MTU 9000, 1 to count payload only). It makes the bandwidth estimate the
+            link's own rate, headers included, comparable with a NIC's or a shaper's; learned plans do not
+            depend on it (the estimate and the prices scale together), a fixed ``bandwidth_bps`` is read
+            in wire bits.
         min_byte_share: the share of the budget always left for bytes when the collectives' latencies alone
             would eat more (default 0.5): the step then overruns the budget (``over_budget`` in
             :attr:`metrics`) instead of sending nearly nothing. 0 keeps to the budget strictly.
@@ -219,8 +220,8 @@ class Kimad:
                  compressors: Iterable[str] = ("topk",), error_feedback: str | None = "ef21",
                  densities: Iterable[float] | None = None, min_compress_numel: int = 1024, op=None,
                  bandwidth_bps: float | None = None, latency_s: float | None = None,
-                 framing: float = TCP_ETHERNET_FRAMING, min_byte_share: float = 0.5, fill_budget: bool = True, metrics_path: str | None = None,
-                 log_every: int = 0, tensorboard_dir: str | None = None) -> None:
+                 framing: float = TCP_ETHERNET_FRAMING, min_byte_share: float = 0.5, fill_budget: bool = True,
+                 metrics_path: str | None = None, log_every: int = 0, tensorboard_dir: str | None = None) -> None:
         compressors = tuple(compressors)
         unknown = [c for c in compressors if c not in SUPPORTED_COMPRESSORS]
         if unknown:

@@ -18,7 +18,9 @@ bytes this rank hands to the collectives: 4 per element uncompressed, 2 with fp1
 message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the user's budget),
 ``comm_s`` / ``predicted_comm_s`` (the timed allgather + allreduce and the plan's prediction),
 ``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), ``prev_link_comm_s`` and
-``prev_link_agree_s`` (the previous step's link times), ``agree_bytes`` (this step's agree message), ``density`` (per tensor: fraction of entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every ``--eval-every-s``
+``prev_link_agree_s`` (the previous step's link times), ``agree_bytes`` (this step's agree message),
+``density`` (per tensor: fraction of entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor:
+message bits per element). Every ``--eval-every-s``
 seconds of training, at each epoch's end and at the end, rank 0 evaluates (the other ranks wait
 for it, outside the training clock; with ``--eval-after`` it keeps a copy of the weights instead and
 evaluates them all once training is over, logging each with its snapshot's times) and logs

@@ -1,9 +1,10 @@
 """Online estimate of the link's bandwidth and latency from timed collectives (the alpha-beta model).
 
 Every timed collective gives one sample ``seconds ~ alpha * T + beta * X``: ``T`` latency terms and ``X``
-wire bits on each ring link (:func:`kimad.control.cost.latency_terms`, and :func:`~kimad.control.cost.link_bytes`
-times ``framing``, wire bytes per payload byte: the same formulas the cost model predicts with), ``alpha`` the per-message latency in seconds and
-``beta = 1 / bandwidth`` in seconds per bit. The fit, redone lazily when an estimate is asked for:
+wire bits on each ring link (:func:`kimad.control.cost.latency_terms`, and
+:func:`~kimad.control.cost.link_bytes` times ``framing``, wire bytes per payload byte: the same formulas the cost
+model predicts with), ``alpha`` the per-message latency in seconds and ``beta = 1 / bandwidth`` in seconds per
+bit. The fit, redone lazily when an estimate is asked for:
 
 1. Take the last ``window`` samples; weigh each by ``0.5 ** ((step_now - step) / half_life_steps)``
    so the estimate follows a changing link.

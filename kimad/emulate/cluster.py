@@ -108,9 +108,9 @@ class Cluster:
     """``nodes`` namespaces behind one bridge, egress shaped per node by ``trace`` (Mbit/s over seconds).
 
     ``trace`` is a built-in name, a CSV path, or a tuple of :class:`RateChange`; ``rate_mbit``,
-    ``duration_s``, ``period_s`` (``None``: the trace's default) and ``seed`` parametrise built-ins. ``delay_ms`` and ``loss_pct`` add netem
-    delay (milliseconds) and loss (percent) on every node's egress. Every applied rate is kept
-    in :attr:`applied` and, when ``log_path`` is given, appended there as JSON lines.
+    ``duration_s``, ``period_s`` (``None``: the trace's default) and ``seed`` parametrise built-ins.
+    ``delay_ms`` and ``loss_pct`` add netem delay (milliseconds) and loss (percent) on every node's egress.
+    Every applied rate is kept in :attr:`applied` and, when ``log_path`` is given, appended there as JSON lines.
     """
 
     def __init__(
