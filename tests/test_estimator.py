@@ -441,8 +441,8 @@ def test_a_link_slower_for_longer_than_a_stall_burst_is_believed_on_the_step_aft
 def test_a_stall_burst_straddling_a_change_is_followed_by_its_7th_step(rates, seed):
     # Stalled from 2 steps before the change to 2 steps into it. A step-up is caught in 4-6 steps (the faster
     # samples after the burst are what they are). A step-down is believed once slow samples span more than
-    # stall_steps steps, burst included, so the new regime starts with the burst's stalled samples of the old link and of the
-    # new one, and the fit needs up to 2 more steps than the 5 of a clean change to outweigh them.
+    # stall_steps steps, burst included, so the new regime starts with the burst's stalled samples of the old
+    # link and of the new one, and the fit needs up to 2 more steps than a clean change to outweigh them.
     rng = np.random.default_rng(1000 + seed)
     stalled = stall_bursts(rng, 2 * CHANGE, set(range(WARMUP)) | set(range(CHANGE - 10, CHANGE + 10)))
     trace = run_stalled_link(rng, rates, stalled | set(range(CHANGE - 2, CHANGE + 2)))
