@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,19 +94,14 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from kimad.bench.e2e import rank_environment
     from kimad.emulate import Cluster, run_horovod
+    from kimad.emulate.cluster import CONGESTION_CONTROLS
     from kimad.errors import KimadError
 
+    controls = (args.congestion_control,) if args.congestion_control else CONGESTION_CONTROLS
     try:
-        with Cluster(args.nodes, "constant", rate_mbit=args.rate) as cluster, tempfile.TemporaryFile("w+") as out:
+        with Cluster(args.nodes, "constant", rate_mbit=args.rate, congestion_controls=controls) as cluster, \
+                tempfile.TemporaryFile("w+") as out:
             cc = cluster.congestion_control
-            if args.congestion_control:
-                for ns in cluster.namespaces:
-                    key = f"net.ipv4.tcp_congestion_control={args.congestion_control}"
-                    proc = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", key], capture_output=True,
-                                          text=True)
-                    if proc.returncode:
-                        p.error(f"namespace {ns} refuses {key}: {proc.stderr.strip()}")
-                cc = args.congestion_control
             print(f"timing {len(SIZES)} sizes x {args.reps} allgathers on {args.nodes} nodes ...", file=sys.stderr,
                   flush=True)
             code = run_horovod(cluster, [sys.executable, os.path.abspath(__file__), "--measure", "--reps",

@@ -97,7 +97,7 @@ import torch
 from kimad.compressors.topk import decode_topk, encode_topk
 from kimad.compressors.wire import DEFAULT_BUCKET, QSGD_BITS, MessageFormat
 from kimad.control import AutoBudget, BandwidthEstimator, Controller, Plan, TensorProfile
-from kimad.control.cost import TCP_ETHERNET_FRAMING, CostModel, check_framing
+from kimad.control.cost import TCP_ETHERNET_FRAMING, CostModel
 from kimad.errors import KimadError
 from kimad.feedback import ErrorFeedback
 
@@ -240,7 +240,6 @@ class Kimad:
         self.world_size = hvd.size()
         self.rank = hvd.rank()
         self.fixed_link = bandwidth_bps is not None
-        framing = check_framing(framing, KimadError)
         if self.fixed_link:
             estimator = BandwidthEstimator(initial_bandwidth_bps=bandwidth_bps,
                                            initial_latency_s=latency_s if latency_s is not None else 50e-6,

@@ -216,6 +216,19 @@ def test_set_up_creates_nodes_and_tear_down_removes_everything():
     assert cluster.leftovers() == []
 
 
+def test_a_named_congestion_control_is_used_and_one_the_kernel_refuses_is_a_named_error():
+    needs_root()
+    with Cluster(2, rate_mbit=50, congestion_controls=("reno",)) as cluster:
+        assert cluster.congestion_control == "reno"
+    bad = Cluster(2, rate_mbit=50, congestion_controls=("no-such-tcp",))
+    with pytest.raises(ClusterError, match="accepts none of the TCP congestion controls"):
+        with bad:
+            pass
+    assert bad.leftovers() == []
+    with pytest.raises(ClusterError, match="congestion_controls must be"):
+        Cluster(2, congestion_controls="reno")
+
+
 def test_an_exception_inside_the_cluster_still_tears_it_down():
     needs_root()
     with pytest.raises(RuntimeError, match="forced"):

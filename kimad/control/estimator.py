@@ -37,8 +37,8 @@ bit. The fit, redone lazily when an estimate is asked for:
    faster -- nothing but a faster link makes a collective faster -- but more than ``stall_steps`` steps
    (3: at least 4 steps) when they got slower, so that a burst of stalled steps no longer than that never
    resets the fit (the longest burst in six 2- and 4-node emulated runs, once waiting ranks stopped spinning,
-   was 2 steps of samples 1.4x slower than predicted; with spinning ranks, bursts of 4 were seen). It is found against the current fit with a 10% threshold, then confirmed against a fit
-   of the samples before it, with threshold ``max(change_sigmas * noise scale, log 1.1)`` of *their*
+   was 2 steps of samples 1.4x slower than predicted; with spinning ranks, bursts of 4 were seen). It is
+   found against the current fit with a 10% threshold, then confirmed against a fit of the samples before it, with threshold ``max(change_sigmas * noise scale, log 1.1)`` of *their*
    residuals (the noise scale of step 3, every sample weighing alike; the current fit, already leaning
    to the new samples, would inflate the spread), capped at ``log 2``: a run of samples each 2x off the old
    fit is off it however noisy the old samples were (latency-bound ones jitter by the scheduler's

@@ -111,6 +111,8 @@ class Cluster:
     ``duration_s``, ``period_s`` (``None``: the trace's default) and ``seed`` parametrise built-ins.
     ``delay_ms`` and ``loss_pct`` add netem delay (milliseconds) and loss (percent) on every node's egress.
     Every applied rate is kept in :attr:`applied` and, when ``log_path`` is given, appended there as JSON lines.
+    Each namespace's TCP congestion control is the first of ``congestion_controls`` the kernel accepts (default
+    :data:`CONGESTION_CONTROLS`; e.g. ``("bbr",)`` to measure BBR), kept in :attr:`congestion_control`.
     """
 
     def __init__(
@@ -125,11 +127,17 @@ class Cluster:
         seed: int = 0,
         log_path: str | os.PathLike | None = None,
         play: bool = True,
+        congestion_controls: tuple[str, ...] = CONGESTION_CONTROLS,
     ) -> None:
         if not isinstance(nodes, int) or nodes < 1 or nodes > 253:
             raise ClusterError(f"nodes must be an integer in 1..253, got {nodes!r}")
         if delay_ms < 0 or not 0 <= loss_pct < 100:
             raise ClusterError(f"delay_ms must be >= 0 and loss_pct in [0, 100), got {delay_ms!r} and {loss_pct!r}")
+        if isinstance(congestion_controls, str) or not congestion_controls \
+                or not all(isinstance(c, str) and c for c in congestion_controls):
+            raise ClusterError(f"congestion_controls must be a non-empty sequence of TCP congestion control names, "
+                               f"got {congestion_controls!r}")
+        self.congestion_controls = tuple(congestion_controls)
         self.nodes = nodes
         self.trace = trace if isinstance(trace, tuple) else load_trace(trace, nodes, rate_mbit, duration_s, period_s, seed)
         self.rates = initial_rates(self.trace, nodes)
@@ -227,14 +235,16 @@ class Cluster:
             self._log(i, mbit)
 
     def _set_congestion_control(self, ns: str) -> None:
-        """Set the first of :data:`CONGESTION_CONTROLS` the kernel takes in namespace ``ns`` (in
-        :attr:`congestion_control`); reno is built into every Linux, so failing all is an error."""
-        for name in CONGESTION_CONTROLS:
+        """Set the first of :attr:`congestion_controls` the kernel takes in namespace ``ns`` (in
+        :attr:`congestion_control`; the one the previous namespace took is tried first). Reno, the default's
+        fallback, is built into every Linux, so failing all is an error."""
+        taken = [c for c in self.congestion_controls if c == self.congestion_control]
+        for name in taken + [c for c in self.congestion_controls if c != self.congestion_control]:
             key = f"net.ipv4.tcp_congestion_control={name}"
             if _run("ip", "netns", "exec", ns, "sysctl", "-qw", key, check=False).returncode == 0:
                 self.congestion_control = name
                 return
-        raise ClusterError(f"namespace {ns} accepts none of the TCP congestion controls {CONGESTION_CONTROLS}")
+        raise ClusterError(f"namespace {ns} accepts none of the TCP congestion controls {self.congestion_controls}")
 
     def _shape(self, node: int, mbit: float, add: bool = False) -> None:
         ns, verb = self.namespaces[node], ("add" if add else "change")
