@@ -6,10 +6,10 @@ Inputs, per run directory (written by ``python -m kimad.bench``): ``<method>.jso
 step; evaluation rows are skipped) and ``rates-<method>.jsonl`` (the shaped rate over time, with wall
 clock). Each step's ``bytes`` (bytes per rank of its allgather) is paired with the next step's
 ``prev_link_comm_s`` (that allgather's link time, seconds: the minimum over ranks) and fed as one
-allgather sample of world size 4 at the next step, the step at which the plugin learned it; so is its
-small "agree" allgather (``agree_bytes`` with the next step's ``prev_link_agree_s``) where the log has
-its size (runs from session 5 on; older logs replay without it). Then the estimate that step would plan
-with is read. The "new" estimator counts ``--framing`` wire bytes per payload byte (default the plugin's,
+allgather sample over the run's ranks (``meta.json``'s ``nodes``) at the next step, the step at which the
+plugin learned it; so is its small "agree" allgather (``agree_bytes`` with the next step's
+``prev_link_agree_s``) where the log has its size (runs from session 5 on; older logs replay without it).
+Then the estimate that step would plan with is read. The "new" estimator counts ``--framing`` wire bytes per payload byte (default the plugin's,
 TCP over Ethernet; the logged estimate of runs before framing existed is the payload rate).
 
 Output, per run and estimator (this worktree's ``kimad.control.estimator`` as "new", the one at git
@@ -17,7 +17,7 @@ revision ``--old`` as "old", and the estimate the run itself logged as "logged")
 relative error of the bandwidth estimate against the shaped rate at the step's wall clock (MdAPE, over
 steps from ``--warmup`` on), the worst ratio estimate / rate (or its inverse) after warm-up, the share of
 steps within 15% and, after each rate change, the steps until the estimate is first within 15% of the new
-rate and until it stays there (``-`` when never).
+rate and until it stays there up to the next change (``-`` when never).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 from kimad.control.cost import TCP_ETHERNET_FRAMING  # noqa: E402  (this checkout's, like the "new" estimator)
 
 DEFAULT_RUNS = [ROOT / "runs" / "e2e4-up", ROOT / "runs" / "e2e4-down"]
-WORLD = 4
 
 
 def load_estimator_class(rev: str | None):
@@ -72,14 +71,21 @@ def rate_at(changes: list[tuple[float, float]], wall: float) -> float:
     return current
 
 
-def replay(estimator_class, rows: list[dict], **options) -> list[float]:
-    """The bandwidth estimate (bits/s) each row's step would plan with (``options`` go to the estimator)."""
+def world_size(run: Path) -> int:
+    """The run's ranks (its ``meta.json``'s ``nodes``; 4 for a run directory without one)."""
+    meta = run / "meta.json"
+    return int(json.loads(meta.read_text())["nodes"]) if meta.is_file() else 4
+
+
+def replay(estimator_class, rows: list[dict], world: int = 4, **options) -> list[float]:
+    """The bandwidth estimate (bits/s) each row's step would plan with, ``world`` ranks (``options`` go to
+    the estimator)."""
     est = estimator_class(**options)
     estimates = []
     for prev, row in zip([None] + rows[:-1], rows):
         for size, time in (("bytes", "prev_link_comm_s"), ("agree_bytes", "prev_link_agree_s")):
             if prev is not None and prev.get(size) is not None and row.get(time) is not None:
-                est.add("allgather", WORLD, int(prev[size]), float(row[time]), int(row["step"]))
+                est.add("allgather", world, int(prev[size]), float(row[time]), int(row["step"]))
         estimates.append(est.estimate().bandwidth_bps)
     return estimates
 
@@ -91,8 +97,8 @@ def score(rows: list[dict], estimates: list[float], changes: list[tuple[float, f
     errors = [abs(e / bw - 1) for _, e, bw in kept]
     result = {"mdape": statistics.median(errors), "within15": sum(x <= 0.15 for x in errors) / len(errors),
               "worst": max(max(e / bw, bw / e) for _, e, bw in kept), "recovery": []}
-    for when, bps in changes[1:]:
-        after = [(r, e) for r, e in zip(rows, estimates) if r["wall"] >= when and e is not None]
+    for (when, bps), (until, _) in zip(changes[1:], changes[2:] + [(float("inf"), None)]):
+        after = [(r, e) for r, e in zip(rows, estimates) if when <= r["wall"] < until and e is not None]
         if not after:
             continue
         ok = [abs(e / bps - 1) <= 0.15 for _, e in after]
@@ -117,8 +123,9 @@ def main() -> None:
     for run in args.runs:
         rows, changes = read_run(run, args.method)
         candidates = {"logged": [r.get("bandwidth_bps") for r in rows]}
-        candidates["old"] = replay(estimators["old"], rows)
-        candidates["new"] = replay(estimators["new"], rows, framing=args.framing)
+        world = world_size(run)
+        candidates["old"] = replay(estimators["old"], rows, world)
+        candidates["new"] = replay(estimators["new"], rows, world, framing=args.framing)
         for name, estimates in candidates.items():
             s = score(rows, estimates, changes, args.warmup)
             rec = ", ".join(f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in s["recovery"])

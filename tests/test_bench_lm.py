@@ -203,7 +203,7 @@ def test_report_of_the_language_model_gives_time_to_target_loss_and_final_valida
 
 def test_report_of_the_language_model_judges_kimad_plus_by_validation_loss(lm_logs):
     runs = report.load_runs(lm_logs, ["none", "static0.01", "kimad+"], metric="val_loss")
-    rows = {what: (figure, met) for what, figure, met in report.targets(runs, 2.6)}
+    rows = {t.what: (t.figure, t.met) for t in report.targets(runs, 2.6)}
     assert rows["kimad+ time-to-loss-2.60 <= 0.5x uncompressed"] == ("0.17x (2.5 s vs 15.0 s)", True)
     assert rows["kimad+ time-to-loss-2.60 <= 0.8x best static"] == ("< 0.25x (baseline not reached in 10 s)", True)
     assert rows["kimad+ final validation loss within 0.05 nats/token of uncompressed"] == ("+0.020 nats/token", True)

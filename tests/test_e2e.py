@@ -64,7 +64,7 @@ def logs(tmp_path: Path) -> Path:
 
 def target_rows(out: Path) -> dict[str, tuple[str, bool | None]]:
     runs = report.load_runs(out, ["none", "static0.01", "kimad+"])
-    return {what: (figure, met) for what, figure, met in report.targets(runs, TARGET)}
+    return {t.what: (t.figure, t.met) for t in report.targets(runs, TARGET)}
 
 
 def test_report_has_a_row_per_method_with_time_to_target_final_accuracy_and_bytes(logs):
@@ -108,7 +108,7 @@ def test_a_swinging_trace_summarises_recovery_and_leaves_out_a_change_too_late_t
     run.steps = [{"step": i, "t": i + 1.0, "train_s": i + 1.0, "wall": T0 + i + 1, "bytes": 1,
                   "bandwidth_bps": shaped[max(0, i - 2)]} for i in range(60)]
     assert report.recovery_steps(run) == [2, 2, 2, 2, 2]  # the change at step 57 has 3 steps after it
-    rows = {what: (figure, met) for what, figure, met in report.targets({"kimad+": run}, TARGET)}
+    rows = {t.what: (t.figure, t.met) for t in report.targets({"kimad+": run}, TARGET)}
     assert rows["kimad+: within ±15% of a new rate <= 5 steps after a change"] == (
         "5 changes: 5 within 5 steps; median 2, worst 2 steps", True)
 
@@ -246,6 +246,80 @@ def test_rate_changes_follow_the_training_clock_not_evaluations(tmp_path, monkey
     assert 0.9 <= applied[0][0] <= 1.25
 
 
+def repeated(tmp_path: Path, kimad_plus_accuracies: list[list[float]]) -> Path:
+    """A comparison repeated once per list of Kimad+ accuracies (the baselines the same in every repeat)."""
+    meta = {"workload": "mnist-digits-cnn", "nodes": 2, "trace": "step-down", "rate_mbit": 100.0, "seconds": 40.0,
+            "budget": "auto", "eval_every_s": 1.0, "target": TARGET, "seed": 0, "shaped": True,
+            "methods": ["none", "static0.01", "kimad+"], "started": "2027-01-01 00:00:00"}
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "repeats": len(kimad_plus_accuracies)}))
+    for i, accuracies in enumerate(kimad_plus_accuracies):
+        d = tmp_path / f"repeat-{i + 1}"
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps(meta))
+        synthetic_run(d, "none", step_s=1.0, accuracies=[0.5, 0.8, 0.91, 0.95], kimad=False)  # 90% at 30 s
+        synthetic_run(d, "static0.01", step_s=0.5, accuracies=[0.6, 0.92, 0.93, 0.94], kimad=True)  # 90% at 10 s
+        synthetic_run(d, "kimad+", step_s=0.2, accuracies=accuracies, kimad=True, lag_steps=i)  # 2, 4, 6 .. s
+    return tmp_path
+
+
+def test_a_repeated_comparison_reports_medians_and_judges_targets_on_them(tmp_path):
+    # Kimad+ reaches 90% at 2, 6 and 4 s (evaluations every 2 s): against static's 10 s, 0.2x, 0.6x, 0.4x
+    out = repeated(tmp_path, [[0.91, 0.92, 0.93, 0.94], [0.5, 0.6, 0.91, 0.94], [0.5, 0.91, 0.92, 0.93]])
+    assert report.repeat_dirs(out) == [out / "repeat-1", out / "repeat-2", out / "repeat-3"]
+    text = report.write_repeats_report(out).read_text()
+    assert all((out / f"repeat-{i}" / "report.md").is_file() for i in (1, 2, 3))  # each repeat's own report
+    assert "| kimad+ | 4.0 [2.0-6.0] | not reached | 94.0% [93.0%-94.0%] | 200.0 | 40 |" in text
+    assert ("| kimad+ time-to-90% <= 0.8x best static | 0.20x (2.0 s vs 10.0 s) | 0.60x (6.0 s vs 10.0 s) | "
+            "0.40x (4.0 s vs 10.0 s) | median 0.40x | yes |") in text
+    # 1 point short in the median repeat (94% against 95%) meets "within 1 point", float rounding or not
+    assert ("| kimad+ final accuracy within 1 point of uncompressed | -1.0 points | -1.0 points | -2.0 points | "
+            "median -1.0 points | yes |") in text
+    # recovery must hold after every change of every repeat: the estimate lags 0, 1 and 2 steps -> worst 2
+    assert ("| kimad+: within ±15% of a new rate <= 5 steps after a change | 0 steps | 1 steps | 2 steps | "
+            "worst 2 steps | yes |") in text
+
+
+def test_a_repeated_target_is_judged_on_the_median_not_on_one_lucky_repeat(tmp_path):
+    # Kimad+ reaches 90% at 2 s, at 8 s and never: against static's 10 s, 0.2x, 0.8x (the limit: met) and
+    # infinitely slow; against uncompressed's 30 s, 0.07x, 0.27x and infinitely slow
+    out = repeated(tmp_path, [[0.91, 0.92, 0.93, 0.94], [0.5, 0.6, 0.7, 0.91], [0.5, 0.6, 0.7, 0.5]])
+    rows = report.aggregate_targets([report.targets(report.load_runs(d, ["none", "static0.01", "kimad+"]), TARGET)
+                                     for d in report.repeat_dirs(out)])
+    by_what = {first.what: (aggregate, met) for first, _, aggregate, met in rows}
+    # 0.2x, 0.8x and not reached (infinitely slow): the median is 0.8x
+    assert by_what["kimad+ time-to-90% <= 0.8x best static"] == ("median 0.80x", True)
+    assert by_what["kimad+ time-to-90% <= 0.5x uncompressed"] == ("median 0.27x", True)
+    # final accuracy 94%, 91% and 50% against 95%: the median repeat is 4 points short
+    assert by_what["kimad+ final accuracy within 1 point of uncompressed"] == ("median -4.0 points", False)
+
+
+def test_the_report_command_rewrites_a_repeated_comparison(tmp_path, capsys):
+    out = repeated(tmp_path, [[0.91, 0.92, 0.93, 0.94], [0.5, 0.91, 0.92, 0.93]])
+    assert report.main([str(out)]) == 0
+    assert "repeated" in (out / "report.md").read_text().splitlines()[0]
+    assert "| repeat 1 | repeat 2 | over repeats | met |" in capsys.readouterr().out
+
+
+def test_repeats_run_every_method_in_turn_into_their_own_directories(tmp_path, monkeypatch):
+    import kimad.emulate
+    from kimad.bench import e2e
+
+    ran = []
+
+    def fake_shaped(method, args, out, bar):  # stands in for the cluster: writes a tiny log
+        ran.append((out.name, method))
+        synthetic_run(out, method, step_s=0.5, accuracies=[0.95], kimad=method != "none")
+        return 0
+
+    monkeypatch.setattr(kimad.emulate, "require_privileges", lambda: None)
+    monkeypatch.setattr(e2e, "run_shaped", fake_shaped)
+    path = e2e.run(parse_args(["--methods", "none", "kimad+", "--repeats", "2", "--out", str(tmp_path)]))
+    assert ran == [("repeat-1", "none"), ("repeat-1", "kimad+"), ("repeat-2", "none"), ("repeat-2", "kimad+")]
+    assert path == tmp_path / "report.md" and "2 repeats of the same comparison" in path.read_text()
+    assert json.loads((tmp_path / "meta.json").read_text())["repeats"] == 2
+    assert "repeats" not in json.loads((tmp_path / "repeat-2" / "meta.json").read_text())
+
+
 # -- a real run across the emulated cluster (root) -----------------------------------------------
 def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path):
     if os.geteuid() != 0:
@@ -289,7 +363,8 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
 
 @pytest.mark.parametrize("argv, words", [(["--nodes", "1"], "--nodes must be >= 2"),
                                          (["--seconds", "0"], "must be > 0"),
-                                         (["--period", "0"], "--period must be > 0 seconds")])
+                                         (["--period", "0"], "--period must be > 0 seconds"),
+                                         (["--repeats", "0"], "--repeats must be >= 1")])
 def test_bad_comparison_options_exit_2_naming_the_option(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)

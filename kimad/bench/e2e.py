@@ -17,6 +17,9 @@ machine's cores, and Horovod's spinning wait would let a waiting rank take a wor
 which real nodes do not share. Per method ``runs/NAME/`` gets ``<method>.jsonl``
 (per-step log of :mod:`kimad.bench.train`), ``rates-<method>.jsonl`` (every shaped rate applied, from
 the emulator) and ``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes ``report.md`` and plots.
+With ``--repeats N`` the whole comparison runs N times, each into ``runs/NAME/repeat-<i>/`` (every method
+in turn within a repeat) with its own report, and ``runs/NAME/report.md`` gives the median and range of
+every figure and judges the targets on the medians: one comparison's time to 90% varies by a second or more.
 
 Without root (no network namespaces) it says so and runs the same jobs with ``horovodrun`` on
 localhost, unshaped; the rate targets are then reported as not measurable.
@@ -82,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-loss", type=float, default=None,
                    help=f"stdlib-lm: target validation loss, nats/token (default: {TARGET_LOSS})")
     p.add_argument("--seed", type=int, default=0, help="seed of every job (default: 0)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the whole comparison this many times, into OUT/repeat-<i>/, and report the median "
+                        "over them in OUT/report.md (default: 1: one comparison, in OUT/)")
     p.add_argument("--out", default="runs/e2e", help="output directory (default: runs/e2e)")
     p.add_argument("--quick", action="store_true", help=f"methods {' '.join(QUICK_METHODS)}, 50 s each")
     p.add_argument("--localhost", action="store_true", help="run unshaped on localhost even as root")
@@ -98,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seconds and --eval-every-s must be > 0")
     if args.period is not None and not args.period > 0:
         p.error("--period must be > 0 seconds")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     return args
 
 
@@ -211,7 +219,7 @@ def run_localhost(method: str, args: argparse.Namespace, out: Path, bar) -> int:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Run every method of ``args``, then write the report; returns the report's path."""
+    """Run every method of ``args`` (``--repeats`` times), then write the report; returns the report's path."""
     from tqdm import tqdm
 
     from kimad.bench import report
@@ -231,19 +239,27 @@ def run(args: argparse.Namespace) -> Path:
             "seconds": args.seconds, "budget": args.budget,
             "eval_every_s": args.eval_every_s, "target": args.target,
             "target_loss": args.target_loss, "seed": args.seed, "methods": args.methods,
-            "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+            "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    dirs = [out] if args.repeats == 1 else [out / f"{report.REPEAT_PREFIX}{i + 1}" for i in range(args.repeats)]
+    for d in dirs:  # each repeat is a comparison of its own; OUT's meta.json says how many there are
+        d.mkdir(exist_ok=True)
+        (d / "meta.json").write_text(json.dumps(meta, indent=1))
+    if args.repeats > 1:
+        (out / "meta.json").write_text(json.dumps({**meta, "repeats": args.repeats}, indent=1))
     runner = run_shaped if shaped else run_localhost
     calm = 0.1 if sys.stderr.isatty() else 10.0  # piped output: a line every 10 s, not a stream of redraws
-    for method in tqdm(args.methods, desc="methods", unit="method", position=0, mininterval=calm):
-        for stale in (out / f"{method}.jsonl", out / f"rates-{method}.jsonl"):
+    jobs = [(d, method) for d in dirs for method in args.methods]  # each repeat runs every method in turn
+    for d, method in tqdm(jobs, desc="methods", unit="method", position=0, mininterval=calm):
+        for stale in (d / f"{method}.jsonl", d / f"rates-{method}.jsonl"):
             stale.unlink(missing_ok=True)
-        with tqdm(total=args.seconds, desc=f"  {method}", unit="s", position=1, leave=False, mininterval=calm) as bar:
-            code = runner(method, args, out, bar)
+        label = method if d == out else f"{method} ({d.name})"
+        with tqdm(total=args.seconds, desc=f"  {label}", unit="s", position=1, leave=False, mininterval=calm) as bar:
+            code = runner(method, args, d, bar)
         if code != 0:
             raise E2EError(f"method {method!r} failed with exit code {code}; "
-                           f"its ranks' output is in {out / method}.out")
-    return report.write_report(out)
+                           f"its ranks' output is in {d / method}.out")
+    return report.write_report(out) if args.repeats == 1 else report.write_repeats_report(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,9 +148,52 @@ def summary(run: Run, target: float) -> dict:
             "steps": len(run.steps)}
 
 
-def targets(runs: dict[str, Run], target: float) -> list[tuple[str, str, bool | None]]:
-    """The issue's targets: ``(what, measured figure, met)``; ``met`` is ``None`` when not measurable."""
-    rows: list[tuple[str, str, bool | None]] = []
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets as measured in one comparison.
+
+    Attributes:
+        what: the target, in words.
+        figure: the measured figure, in words.
+        value: the number that decides it (``None``: not measurable): :attr:`met` when ``value <= limit``,
+            or ``value >= limit`` if ``at_least``. Repeats of a comparison are judged on the median of their
+            values, or on the worst if ``every`` (a target every instance must meet).
+        unit: how ``value`` reads: ``"share"`` (a percentage), ``"ratio"``, ``"steps"``, ``"points"`` (an
+            accuracy difference in percentage points) or ``"nats"`` (a loss difference).
+    """
+
+    what: str
+    figure: str
+    value: float | None = None
+    limit: float = math.nan
+    at_least: bool = False
+    every: bool = False
+    unit: str = "ratio"
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target is met (``None``: not measurable)."""
+        return self.judge(self.value)
+
+    def judge(self, value: float | None) -> bool | None:
+        """Whether ``value`` meets this target (``None``: not measurable); a figure that prints as the limit
+        (an accuracy 1.0 points short) meets it whatever the last bits of its float say."""
+        if value is None:
+            return None
+        slack = 1e-9 * max(1.0, abs(self.limit))
+        return value >= self.limit - slack if self.at_least else value <= self.limit + slack
+
+    def text(self, value: float) -> str:
+        """``value`` in this target's unit."""
+        if math.isinf(value):
+            return "never" if self.unit == "steps" else "not reached"
+        return {"share": f"{value:.1%}", "steps": f"{value:g} steps", "points": f"{100 * value:+.1f} points",
+                "nats": f"{value:+.3f} nats/token"}.get(self.unit, f"{value:.2f}x")
+
+
+def targets(runs: dict[str, Run], target: float) -> list[Target]:
+    """The issue's targets, measured in one comparison (see :class:`Target`)."""
+    rows: list[Target] = []
     kimad_plus = runs.get("kimad+")
     for name in KIMAD_METHODS:
         run = runs.get(name)
@@ -159,10 +202,10 @@ def targets(runs: dict[str, Run], target: float) -> list[tuple[str, str, bool | 
         errors = estimate_errors(run) if run.rates else []
         if errors:
             med = statistics.median(errors)
-            rows.append((f"{name}: estimate within ±15% of shaped rate (median abs. rel. error)", f"{med:.1%}",
-                         med <= ESTIMATE_TOLERANCE))
+            rows.append(Target(f"{name}: estimate within ±15% of shaped rate (median abs. rel. error)", f"{med:.1%}",
+                               med, ESTIMATE_TOLERANCE, unit="share"))
         else:
-            rows.append((f"{name}: estimate within ±15% of shaped rate", "n/a (no shaped rate)", None))
+            rows.append(Target(f"{name}: estimate within ±15% of shaped rate", "n/a (no shaped rate)"))
         rec = recovery_steps(run) if run.rates else []
         if rec:
             text = ", ".join("never" if r is None else f"{r} steps" for r in rec)
@@ -171,14 +214,15 @@ def targets(runs: dict[str, Run], target: float) -> list[tuple[str, str, bool | 
                 text = (f"{len(rec)} changes: {sum(r <= RECOVERY_STEPS for r in seen)} within "
                         f"{RECOVERY_STEPS} steps; median {statistics.median(seen) if seen else '-'}, worst "
                         f"{'never' if len(seen) < len(rec) else seen[-1]} steps")
-            rows.append((f"{name}: within ±15% of a new rate <= {RECOVERY_STEPS} steps after a change", text,
-                         all(r is not None and r <= RECOVERY_STEPS for r in rec)))
+            worst = math.inf if None in rec else max(rec)
+            rows.append(Target(f"{name}: within ±15% of a new rate <= {RECOVERY_STEPS} steps after a change", text,
+                               worst, RECOVERY_STEPS, every=True, unit="steps"))
         else:
-            rows.append((f"{name}: tracks a rate change", "n/a (no rate change in the run)", None))
+            rows.append(Target(f"{name}: tracks a rate change", "n/a (no rate change in the run)"))
         share = comm_within_budget_share(run)
         if share is not None:
-            rows.append((f"{name}: comm time within ±25% of budget on >= 80% of steps", f"{share:.0%} of steps",
-                         share >= COMM_SHARE))
+            rows.append(Target(f"{name}: comm time within ±25% of budget on >= 80% of steps", f"{share:.0%} of steps",
+                               share, COMM_SHARE, at_least=True, unit="share"))
     if kimad_plus is not None:
         ttt = kimad_plus.time_to_target(target)
         name = _target_name(kimad_plus.metric, target)
@@ -188,11 +232,13 @@ def targets(runs: dict[str, Run], target: float) -> list[tuple[str, str, bool | 
                                       base.time_to_target(target), _length(base), 0.5))
             fa, fb = kimad_plus.final(), base.final()
             if fa is not None and fb is not None and kimad_plus.metric == "val_loss":
-                rows.append((f"kimad+ final validation loss within {FINAL_LOSS_TOLERANCE:g} nats/token of "
-                             "uncompressed", f"{fa - fb:+.3f} nats/token", fa <= fb + FINAL_LOSS_TOLERANCE))
+                rows.append(Target(f"kimad+ final validation loss within {FINAL_LOSS_TOLERANCE:g} nats/token of "
+                                   "uncompressed", f"{fa - fb:+.3f} nats/token", fa - fb, FINAL_LOSS_TOLERANCE,
+                                   unit="nats"))
             elif fa is not None and fb is not None:
-                rows.append(("kimad+ final accuracy within 1 point of uncompressed",
-                             f"{100 * (fa - fb):+.1f} points", fa >= fb - 0.01))
+                rows.append(Target("kimad+ final accuracy within 1 point of uncompressed",
+                                   f"{100 * (fa - fb):+.1f} points", fa - fb, -0.01, at_least=True,
+                                   unit="points"))
         statics = [r for m, r in runs.items() if m.startswith("static")]
         if statics:
             reached = [r.time_to_target(target) for r in statics if r.time_to_target(target) is not None]
@@ -212,14 +258,15 @@ def _length(run: Run) -> float:
 
 
 def _ratio_target(what: str, ours: float | None, theirs: float | None, their_length: float,
-                  factor: float) -> tuple[str, str, bool | None]:
+                  factor: float) -> Target:
     """``ours <= factor * theirs``; a baseline that never reached the target took longer than its run."""
     if ours is None:
-        return what, f"kimad+ not reached, baseline {_s(theirs)}", False
-    if theirs is None:
+        return Target(what, f"kimad+ not reached, baseline {_s(theirs)}", math.inf, factor)
+    if theirs is None:  # the ratio is below this bound, which decides the target only if it is below factor
         bound = ours / their_length if their_length > 0 else math.inf
-        return what, f"< {bound:.2f}x (baseline not reached in {their_length:.0f} s)", True if bound <= factor else None
-    return what, f"{ours / theirs:.2f}x ({_s(ours)} vs {_s(theirs)})", ours <= factor * theirs
+        return Target(what, f"< {bound:.2f}x (baseline not reached in {their_length:.0f} s)",
+                      bound if bound <= factor else None, factor)
+    return Target(what, f"{ours / theirs:.2f}x ({_s(ours)} vs {_s(theirs)})", ours / theirs, factor)
 
 
 def _s(seconds: float | None) -> str:
@@ -372,10 +419,14 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
         lines += ["", "Median Kimad plugin step (profile, plan, encode, collectives, decode; the comm budget is part "
                   f"of it): {', '.join(overheads)}."]
     lines += ["", "## Targets (issue 6)", "", "| target | measured | met |", "|---|---|---|"]
-    for what, figure, met in targets(runs, target):
-        lines.append(f"| {what} | {figure} | {'n/a' if met is None else ('yes' if met else 'NO')} |")
+    for row in targets(runs, target):
+        lines.append(f"| {row.what} | {row.figure} | {_met(row.met)} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _met(met: bool | None) -> str:
+    return "n/a" if met is None else ("yes" if met else "NO")
 
 
 def _pct(x: float | None) -> str:
@@ -408,6 +459,99 @@ def write_report(out: Path, target: float | None = None, target_loss: float | No
     return path
 
 
+# -- repeated comparisons -------------------------------------------------------------------------
+REPEAT_PREFIX = "repeat-"  # a repeated comparison keeps repeat i in OUT/repeat-i/, a comparison of its own
+
+
+def repeat_dirs(out: Path) -> list[Path]:
+    """The repeats ``repeat-1`` ... ``repeat-N`` of the comparison in ``out`` (``N``: its ``meta.json``'s
+    ``repeats``; none for a single comparison)."""
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    return [Path(out) / f"{REPEAT_PREFIX}{i + 1}" for i in range(int(meta.get("repeats") or 0))]
+
+
+def _median_range(values: list[float | None], fmt) -> str:
+    """``median [min-max]`` of ``values`` (``None``: not reached, counted as longer than any)."""
+    known = sorted(math.inf if v is None else v for v in values)
+    show = [("not reached" if math.isinf(v) else fmt(v)) for v in (statistics.median(known), known[0], known[-1])]
+    return show[0] if known[0] == known[-1] else f"{show[0]} [{show[1]}-{show[2]}]"
+
+
+def aggregate_targets(repeats: list[list[Target]]) -> list[tuple[Target, list[str], str, bool | None]]:
+    """Each target of the first repeat with its figure in every repeat, the aggregate figure (the median of
+    the repeats' values, or the worst for a target every instance must meet) and whether that meets it."""
+    rows = []
+    for first in repeats[0]:
+        same = [next((t for t in rows_ if t.what == first.what), None) for rows_ in repeats]
+        values = [t.value for t in same if t is not None and t.value is not None]
+        figures = ["-" if t is None else t.figure for t in same]
+        if not values:
+            rows.append((first, figures, "n/a", None))
+            continue
+        value = (max(values, key=lambda v: -v if first.at_least else v) if first.every
+                 else statistics.median(values))
+        label = "worst" if first.every else "median"
+        rows.append((first, figures, f"{label} {first.text(value)}" + ("" if len(values) == len(same) else
+                                                                      f" (of {len(values)} measurable)"),
+                     first.judge(value)))
+    return rows
+
+
+def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
+    """The Markdown report of a repeated comparison: every method's figures and every target over the repeats."""
+    metric, target = evaluation_target(meta)
+    harder = harder_target(metric, target)
+    n = len(repeats)
+    where = (f"{meta['nodes']} emulated nodes, trace `{meta['trace']}`"
+             + (f" (period {meta['period_s']:g} s)" if meta.get("period_s") else "")
+             + f" at base {meta['rate_mbit']:g} Mbit/s" if meta["shaped"] else
+             f"{meta['nodes']} ranks on localhost, unshaped")
+    lines = ["# Kimad end-to-end comparison, repeated", "",
+             f"{n} repeats of the same comparison (same seed and trace; methods in the same order within each "
+             f"repeat, so slow drift of the machine touches every method alike), each with its own report and "
+             f"plots in `{REPEAT_PREFIX}<i>/`. Figures: median [min-max] over the repeats. {where}, "
+             f"{meta['seconds']:g} s of training per method. Started {meta['started']}.", ""]
+    if metric == "val_loss":
+        names, final = (f"time to loss {target:.2f} (s)", f"time to loss {harder:.2f} (s)", "final val loss"), _nats
+    else:
+        names, final = (f"time to {target:.0%} (s)", f"time to {harder:.0%} (s)", "final accuracy"), _pct
+    lines += [f"| method | {' | '.join(names)} | mean step (ms) | steps |", "|---|---:|---:|---:|---:|---:|"]
+    methods = [m for m in meta["methods"] if all(m in runs for runs in repeats)]
+    for method in methods:
+        rows = [summary(runs[method], target) for runs in repeats]
+        lines.append(f"| {method} | {_median_range([r['time_to_target_s'] for r in rows], lambda x: f'{x:.1f}')} | "
+                     f"{_median_range([r['time_to_harder_target_s'] for r in rows], lambda x: f'{x:.1f}')} | "
+                     f"{_median_range([r['final'] for r in rows], final)} | "
+                     f"{_median_range([r['mean_step_s'] for r in rows], _ms)} | "
+                     f"{_median_range([r['steps'] for r in rows], lambda x: f'{x:.0f}')} |")
+    lines += ["", "## Targets (issue 6), judged on the median over the repeats (recovery: on every change of every "
+              "repeat)", "", f"| target | {' | '.join(f'repeat {i + 1}' for i in range(n))} | over repeats | met |",
+              "|---|" + "---|" * (n + 2)]
+    for first, figures, aggregate, met in aggregate_targets([targets(runs, target) for runs in repeats]):
+        lines.append(f"| {first.what} | {' | '.join(figures)} | {aggregate} | {_met(met)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_repeats_report(out: Path, target: float | None = None, target_loss: float | None = None) -> Path:
+    """(Re)write every repeat's report (:func:`write_report`) and ``out/report.md`` over them; returns its path."""
+    out = Path(out)
+    dirs = repeat_dirs(out)
+    if not dirs:
+        raise ValueError(f"{out}/meta.json names no repeats: a single comparison (write_report)")
+    repeats = []
+    for d in dirs:
+        write_report(d, target, target_loss)
+        meta = json.loads((d / "meta.json").read_text())
+        if target is not None:
+            meta["target"] = target
+        if target_loss is not None:
+            meta["target_loss"] = target_loss
+        repeats.append(load_runs(d, meta["methods"], evaluation_target(meta)[0]))
+    path = out / "report.md"
+    path.write_text(render_repeats(meta, repeats))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m kimad.bench report DIR [--target A] [--target-loss L]``: (re)write DIR's report."""
     import argparse
@@ -421,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.out / "meta.json").is_file():
         p.error(f"{args.out} has no meta.json: not a directory written by benchmarks/e2e.py")
-    path = write_report(args.out, args.target, args.target_loss)
+    write = write_repeats_report if repeat_dirs(args.out) else write_report
+    path = write(args.out, args.target, args.target_loss)
     print(f"report written to {path}")
     print(path.read_text())
     return 0
