@@ -171,7 +171,9 @@ class Kimad:
     Args:
         named_parameters: ``(name, parameter)`` pairs, usually ``model.named_parameters()``; the same
             names and order on every rank.
-        budget_s: seconds of communication per step (> 0), or ``"auto"`` (a fraction of compute time).
+        budget_s: seconds of communication per step (> 0), ``"auto"`` (half the measured compute time of a
+            step), or a :class:`kimad.control.FixedBudget` / :class:`kimad.control.AutoBudget` (e.g.
+            ``AutoBudget(fraction=1.0)``: as long as the compute).
         allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad) or ``"lagrangian"``.
         compressors: besides dense, which compressors plans may use: ``"topk"`` (at ``densities``),
             ``"qsgd"`` (8, 4 and 2 bits) and ``"sign"`` (scaled sign), in buckets of ``DEFAULT_BUCKET`` elements.

@@ -364,8 +364,28 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
 @pytest.mark.parametrize("argv, words", [(["--nodes", "1"], "--nodes must be >= 2"),
                                          (["--seconds", "0"], "must be > 0"),
                                          (["--period", "0"], "--period must be > 0 seconds"),
-                                         (["--repeats", "0"], "--repeats must be >= 1")])
+                                         (["--repeats", "0"], "--repeats must be >= 1"),
+                                         (["--budget", "auto:0"], "auto:F needs a fraction F > 0"),
+                                         (["--budget", "auto:x"], "auto:F needs a fraction F > 0"),
+                                         (["--budget", "-1"], "--budget must be > 0 seconds"),
+                                         (["--budget", "fast"], "--budget must be seconds, 'auto' or 'auto:F'")])
 def test_bad_comparison_options_exit_2_naming_the_option(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)
     assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_budget_is_seconds_auto_or_a_fraction_of_the_compute_time():
+    from kimad.bench.train import parse_budget
+
+    assert parse_budget("0.05") == 0.05
+    assert parse_budget("auto") == "auto"
+    assert parse_budget("auto:1") == ("auto", 1.0)
+    command = train_command("kimad+", parse_args(["--budget", "auto:1"]), Path("k.jsonl"))
+    assert command[command.index("--budget") + 1] == "auto:1"
+
+
+def test_the_report_names_a_fractional_auto_budget(logs):
+    meta = json.loads((logs / "meta.json").read_text())
+    (logs / "meta.json").write_text(json.dumps({**meta, "budget": "auto:1"}))
+    assert "Kimad budget: auto (1 times the measured compute time of a step)" in report.write_report(logs).read_text()

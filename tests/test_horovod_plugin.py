@@ -440,3 +440,11 @@ def test_checkpoint_restore_is_bit_exact(tmp_path):
     for a, b, c in zip(checkpoint_models(full), checkpoint_models(split), checkpoint_models(control)):
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not all(torch.equal(a[k], c[k]) for k in a)  # without Kimad's state the run diverges
+
+
+def test_an_auto_budget_object_sets_the_fraction_of_compute_time(hvd):
+    from kimad.control import AutoBudget
+
+    compression = kimad.Kimad(nn.Linear(4, 4).named_parameters(), budget_s=AutoBudget(fraction=1.0))
+    compression.budget.observe_compute(0.04)
+    assert compression.budget.budget_s() == pytest.approx(0.04)

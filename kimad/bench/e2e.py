@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from kimad.bench.report import TARGET_LOSS
-from kimad.bench.train import WORKLOADS
+from kimad.bench.train import WORKLOADS, parse_budget
 from kimad.errors import KimadError
 
 # method -> arguments of kimad.bench.train (the budget is added for Kimad's plugin).
@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every-s", type=float, default=2.0,
                    help="evaluate (accuracy or validation loss) every this many seconds (default: 2)")
     p.add_argument("--budget", default="auto",
-                   help="Kimad's communication budget per step, seconds, or 'auto': half the measured compute "
-                        "time of a step, Kimad's own default (default: auto)")
+                   help="Kimad's communication budget per step, seconds, 'auto': half the measured compute "
+                        "time of a step, Kimad's own default, or 'auto:F': F times it (default: auto)")
     p.add_argument("--target", type=float, default=0.90, help="digits-cnn: target test accuracy (default: 0.90)")
     p.add_argument("--target-loss", type=float, default=None,
                    help=f"stdlib-lm: target validation loss, nats/token (default: {TARGET_LOSS})")
@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--period must be > 0 seconds")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    try:
+        parse_budget(args.budget)
+    except ValueError as error:
+        p.error(str(error))
     return args
 
 

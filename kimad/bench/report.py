@@ -396,8 +396,13 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     else:
         lines.append(f"**Unshaped**: {meta['nodes']} ranks on localhost ({meta.get('unshaped_reason', 'no root')}); "
                      "rate targets cannot be measured. ")
-    budget = ("auto (half the measured compute time of a step)" if str(meta["budget"]) == "auto"
-              else f"{meta['budget']} s per step")
+    budget = str(meta["budget"])
+    if budget == "auto":
+        budget = "auto (half the measured compute time of a step)"
+    elif budget.startswith("auto:"):
+        budget = f"auto ({budget[5:]} times the measured compute time of a step)"
+    else:
+        budget = f"{budget} s per step"
     lines[-1] += (_workload_text(meta, metric) + f"Kimad budget: {budget}"
                   f" (static top-k runs through the same plugin, ignoring it). Started {meta['started']}.")
     harder = harder_target(metric, target)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -60,6 +61,28 @@ def load_workload(name: str, seed: int):
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 
 
+def parse_budget(text: str) -> float | str | tuple[str, float]:
+    """``--budget``: seconds (a float > 0), ``"auto"``, or ``"auto:F"`` -> ``("auto", F)`` (F > 0: the budget is
+    F times the measured compute time). Raises ValueError naming the option."""
+    if text == "auto":
+        return text
+    if text.startswith("auto:"):
+        try:
+            fraction = float(text[5:])
+        except ValueError:
+            fraction = math.nan
+        if not (fraction > 0 and math.isfinite(fraction)):
+            raise ValueError(f"--budget auto:F needs a fraction F > 0 of the compute time, got {text!r}")
+        return "auto", fraction
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"--budget must be seconds, 'auto' or 'auto:F', got {text!r}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"--budget must be > 0 seconds, got {text!r}")
+    return seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kimad.bench.train", description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=tuple(WORKLOADS), default="digits-cnn",
@@ -71,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compression", choices=("none", "fp16", "kimad"), default="none",
                    help="Horovod's gradient compression, or Kimad's adaptive one (default: none)")
     p.add_argument("--budget", default="auto",
-                   help="kimad: communication budget per step, seconds, or 'auto' (default: auto)")
+                   help="kimad: communication budget per step, seconds, 'auto' (half the measured compute time "
+                        "of a step) or 'auto:F' (F times the compute time) (default: auto)")
     p.add_argument("--allocator", choices=("layerwise", "uniform", "lagrangian", "static"), default="layerwise",
                    help="kimad: layerwise (Kimad+), uniform (Kimad), or static (top-k + EF at --density, "
                         "the GRACE/DGC baseline) (default: layerwise)")
@@ -106,13 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.lr > 0:
         p.error("--lr must be > 0")
-    if args.budget != "auto":
-        try:
-            args.budget = float(args.budget)
-        except ValueError:
-            p.error(f"--budget must be seconds or 'auto', got {args.budget!r}")
-        if not args.budget > 0:
-            p.error("--budget must be > 0 seconds")
+    try:
+        args.budget = parse_budget(args.budget)
+    except ValueError as error:
+        p.error(str(error))
     if args.eval_every_s < 0 or args.max_seconds < 0:
         p.error("--eval-every-s and --max-seconds must be >= 0 seconds")
     if not 0 < args.density <= 1:
@@ -145,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
 
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     if args.compression == "kimad":
-        from kimad.control import geometric_densities
+        from kimad.control import AutoBudget, geometric_densities
         from kimad.horovod import Kimad
 
         densities = (args.density,) if args.allocator == "static" else geometric_densities(lo=args.density)
         compressors = ("topk",) if args.allocator == "static" else tuple(args.compressors)
-        compression = Kimad(model.named_parameters(), budget_s=args.budget, allocator=args.allocator,
+        budget = AutoBudget(fraction=args.budget[1]) if isinstance(args.budget, tuple) else args.budget
+        compression = Kimad(model.named_parameters(), budget_s=budget, allocator=args.allocator,
                             densities=densities, compressors=compressors, log_every=args.log_every)
     else:
         compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
