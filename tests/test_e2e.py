@@ -320,6 +320,38 @@ def test_repeats_run_every_method_in_turn_into_their_own_directories(tmp_path, m
     assert "repeats" not in json.loads((tmp_path / "repeat-2" / "meta.json").read_text())
 
 
+def test_the_ranks_import_a_snapshot_of_the_code_and_the_report_names_its_commit(tmp_path, monkeypatch):
+    import kimad.emulate
+    from kimad.bench import e2e
+
+    seen = []
+
+    def fake_shaped(method, args, out, bar):
+        seen.append(e2e.rank_environment(args.code_root)["PYTHONPATH"].split(os.pathsep)[0])
+        synthetic_run(out, method, step_s=0.5, accuracies=[0.95], kimad=False)
+        return 0
+
+    monkeypatch.setattr(kimad.emulate, "require_privileges", lambda: None)
+    monkeypatch.setattr(e2e, "run_shaped", fake_shaped)
+    monkeypatch.setattr(e2e, "code_version", lambda: {"commit": "0123456789abcdef0123", "dirty": True})
+    path = e2e.run(parse_args(["--methods", "none", "--out", str(tmp_path)]))
+    assert seen == [str(tmp_path / "code")]
+    assert (tmp_path / "code" / "kimad" / "bench" / "e2e.py").read_text() == Path(e2e.__file__).read_text()
+    assert not list((tmp_path / "code").rglob("__pycache__"))
+    assert "code 0123456789ab + local changes." in path.read_text()
+
+
+def test_the_code_version_is_this_checkouts_commit():
+    from kimad.bench.e2e import code_version
+
+    version = code_version()
+    inside = shutil.which("git") and (Path(__file__).resolve().parents[1] / ".git").exists()
+    if inside:  # (CI runs in a clone)
+        assert len(version["commit"]) == 40 and isinstance(version["dirty"], bool)
+    else:  # not a work tree, or no git: nothing claimed
+        assert version == {"commit": None, "dirty": None}
+
+
 # -- a real run across the emulated cluster (root) -----------------------------------------------
 def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path):
     if os.geteuid() != 0:

@@ -16,10 +16,13 @@ job waits for its collectives without spinning (``--quiet-wait``): the emulated 
 machine's cores, and Horovod's spinning wait would let a waiting rank take a working rank's core,
 which real nodes do not share. Per method ``runs/NAME/`` gets ``<method>.jsonl``
 (per-step log of :mod:`kimad.bench.train`), ``rates-<method>.jsonl`` (every shaped rate applied, from
-the emulator) and ``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes ``report.md`` and plots.
-With ``--repeats N`` the whole comparison runs N times, each into ``runs/NAME/repeat-<i>/`` (every method
-in turn within a repeat) with its own report, and ``runs/NAME/report.md`` gives the median and range of
-every figure and judges the targets on the medians: one comparison's time to 90% varies by a second or more.
+the emulator) and ``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes
+``report.md`` and plots. The ranks import a copy of this checkout's ``kimad`` package made when the
+comparison starts (``runs/NAME/code/``; ``meta.json`` records the git commit and whether the checkout
+differed from it), so the checkout can be edited while a comparison runs. With ``--repeats N`` the whole
+comparison runs N times, each into ``runs/NAME/repeat-<i>/`` (every method in turn within a repeat) with
+its own report, and ``runs/NAME/report.md`` gives the median and range of every figure and judges the
+targets on the medians: one comparison's time to 90% varies by a second or more.
 
 Without root (no network namespaces) it says so and runs the same jobs with ``horovodrun`` on
 localhost, unshaped; the rate targets are then reported as not measurable.
@@ -92,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"methods {' '.join(QUICK_METHODS)}, 50 s each")
     p.add_argument("--localhost", action="store_true", help="run unshaped on localhost even as root")
     args = p.parse_args(argv)
+    args.code_root = REPO_ROOT  # run() points it at the comparison's snapshot of the code
     if args.methods is None:
         args.methods = list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     if args.seconds is None:
@@ -122,10 +126,34 @@ def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list
             "--seed", str(args.seed), "--log-every", "100", "--step-log", str(log_path)]
 
 
-def rank_environment() -> dict[str, str]:
-    """This environment with this checkout first on PYTHONPATH, so ranks import the same kimad."""
+def rank_environment(code_root: Path = REPO_ROOT) -> dict[str, str]:
+    """This environment with ``code_root`` (the folder holding the ``kimad`` package the ranks import: this
+    checkout, or a comparison's snapshot of it) first on PYTHONPATH."""
     path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT))
+    return dict(os.environ, PYTHONPATH=f"{code_root}{os.pathsep}{path}" if path else str(code_root))
+
+
+def snapshot_code(out: Path) -> Path:
+    """Copy this checkout's ``kimad`` package (the built extension included) to ``out/code/`` and return that
+    folder, for the ranks to import: a comparison runs for many minutes, and editing the checkout meanwhile
+    must not change the code of its later jobs."""
+    dest = out / "code"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(REPO_ROOT / "kimad", dest / "kimad", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def code_version() -> dict:
+    """The checkout's git commit and whether tracked files differ from it (``None`` values without git)."""
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
 def _last_step(log_path: Path) -> dict | None:
@@ -186,7 +214,8 @@ def run_shaped(method: str, args: argparse.Namespace, out: Path, bar) -> int:
     result: dict[str, int] = {}
     with cluster, open(out / f"{method}.out", "w") as console:
         job = threading.Thread(target=lambda: result.update(code=run_horovod(
-            cluster, train_command(method, args, log_path), env=rank_environment(), out=console)), daemon=True)
+            cluster, train_command(method, args, log_path), env=rank_environment(args.code_root), out=console)),
+            daemon=True)
         pending = sorted((c for c in cluster.trace if c.time_s > 0), key=lambda c: c.time_s)
 
         def tick(entry: dict) -> None:
@@ -210,7 +239,7 @@ def run_localhost(method: str, args: argparse.Namespace, out: Path, bar) -> int:
     command = [horovodrun, "-np", str(args.nodes), "-H", f"localhost:{args.nodes}", "--gloo",
                *train_command(method, args, log_path)]
     with open(out / f"{method}.out", "w") as console:
-        proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT, env=rank_environment(),
+        proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT, env=rank_environment(args.code_root),
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + job_deadline_s(args)
@@ -244,7 +273,8 @@ def run(args: argparse.Namespace) -> Path:
             "eval_every_s": args.eval_every_s, "target": args.target,
             "target_loss": args.target_loss, "seed": args.seed, "methods": args.methods,
             "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}
+    args.code_root = snapshot_code(out)
     dirs = [out] if args.repeats == 1 else [out / f"{report.REPEAT_PREFIX}{i + 1}" for i in range(args.repeats)]
     for d in dirs:  # each repeat is a comparison of its own; OUT's meta.json says how many there are
         d.mkdir(exist_ok=True)

@@ -404,7 +404,8 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     else:
         budget = f"{budget} s per step"
     lines[-1] += (_workload_text(meta, metric) + f"Kimad budget: {budget}"
-                  f" (static top-k runs through the same plugin, ignoring it). Started {meta['started']}.")
+                  f" (static top-k runs through the same plugin, ignoring it). Started {meta['started']}"
+                  f"{_code_text(meta)}.")
     harder = harder_target(metric, target)
     if metric == "val_loss":
         columns, final = f"time to loss {target:.2f} (s) | time to loss {harder:.2f} (s) | final val loss", _nats
@@ -428,6 +429,14 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
         lines.append(f"| {row.what} | {row.figure} | {_met(row.met)} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _code_text(meta: dict) -> str:
+    """``, code 1a2b3c4d5e6f`` (``+ local changes`` when the checkout differed from its commit), or nothing."""
+    code = meta.get("code") or {}
+    if not code.get("commit"):
+        return ""
+    return f", code {code['commit'][:12]}" + (" + local changes" if code.get("dirty") else "")
 
 
 def _met(met: bool | None) -> str:
@@ -515,7 +524,7 @@ def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
              f"{n} repeats of the same comparison (same seed and trace; methods in the same order within each "
              f"repeat, so slow drift of the machine touches every method alike), each with its own report and "
              f"plots in `{REPEAT_PREFIX}<i>/`. Figures: median [min-max] over the repeats. {where}, "
-             f"{meta['seconds']:g} s of training per method. Started {meta['started']}.", ""]
+             f"{meta['seconds']:g} s of training per method. Started {meta['started']}{_code_text(meta)}.", ""]
     if metric == "val_loss":
         names, final = (f"time to loss {target:.2f} (s)", f"time to loss {harder:.2f} (s)", "final val loss"), _nats
     else:
