@@ -17,7 +17,9 @@ revision ``--old`` as "old", and the estimate the run itself logged as "logged")
 relative error of the bandwidth estimate against the shaped rate at the step's wall clock (MdAPE, over
 steps from ``--warmup`` on), the worst ratio estimate / rate (or its inverse) after warm-up, the share of
 steps within 15% and, after each rate change, the steps until the estimate is first within 15% of the new
-rate and until it stays there up to the next change (``-`` when never).
+rate and until it stays there up to the next change (``-`` when never). A last row, "samples", is no
+estimator: the median rate the data samples since the latest change imply, told when the rate changed
+(:func:`sample_oracle`): how soon the samples themselves showed a new rate.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -90,6 +93,32 @@ def replay(estimator_class, rows: list[dict], world: int = 4, **options) -> list
     return estimates
 
 
+def sample_oracle(rows: list[dict], changes: list[tuple[float, float]], world: int, framing: float) -> list[float]:
+    """What the samples themselves say, told when the rate changed: at each step, the median rate implied by the
+    data allgathers since the latest change (``wire bits / (seconds - latency terms x latency)``, the latency the
+    run had logged at the change held), the first of them, which may straddle the change, left out once there
+    are others. Not an estimator (it knows the change times): where it is slow to come within 15% of a new rate,
+    the samples the plan sent did not show the rate sooner."""
+    from kimad.control.cost import latency_terms, link_bytes
+
+    out, implied, current, latency = [], [], None, None
+    for i, row in enumerate(rows):
+        rate_start = max((w for w, _ in changes if w <= row["wall"]), default=None)
+        if rate_start != current:  # a new rate: start over, holding the latency logged now
+            current, implied, latency = rate_start, [], row.get("latency_s") or 0.0
+            first = i
+        # the sample of step i - 1 is known at step i
+        prev = rows[i - 1] if i > first else None
+        if prev is not None and row.get("prev_link_comm_s") and prev.get("bytes"):
+            bits = 8 * framing * link_bytes("allgather", world, float(prev["bytes"]))
+            busy = row["prev_link_comm_s"] - latency_terms("allgather", world) * latency
+            if busy > 0:
+                implied.append(bits / busy)
+        seen = implied[1:] if len(implied) > 1 else implied
+        out.append(statistics.median(seen) if seen else (out[-1] if out else math.nan))
+    return out
+
+
 def score(rows: list[dict], estimates: list[float], changes: list[tuple[float, float]], warmup: int) -> dict:
     rates = [rate_at(changes, r["wall"]) for r in rows]
     kept = [(r["step"], e, bw) for r, e, bw in zip(rows, estimates, rates)
@@ -126,6 +155,8 @@ def main() -> None:
         world = world_size(run)
         candidates["old"] = replay(estimators["old"], rows, world)
         candidates["new"] = replay(estimators["new"], rows, world, framing=args.framing)
+        if any("latency_s" in r for r in rows):
+            candidates["samples"] = sample_oracle(rows, changes, world, args.framing)
         for name, estimates in candidates.items():
             s = score(rows, estimates, changes, args.warmup)
             rec = ", ".join(f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in s["recovery"])
