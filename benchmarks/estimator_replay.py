@@ -9,8 +9,9 @@ clock). Each step's ``bytes`` (bytes per rank of its allgather) is paired with t
 allgather sample over the run's ranks (``meta.json``'s ``nodes``) at the next step, the step at which the
 plugin learned it; so is its small "agree" allgather (``agree_bytes`` with the next step's
 ``prev_link_agree_s``) where the log has its size (runs from session 5 on; older logs replay without it).
-Then the estimate that step would plan with is read. The "new" estimator counts ``--framing`` wire bytes per payload byte (default the plugin's,
-TCP over Ethernet; the logged estimate of runs before framing existed is the payload rate).
+Then the estimate that step would plan with is read. The "new" estimator counts ``--framing`` wire bytes
+per payload byte (default the plugin's, TCP over Ethernet; the logged estimate of runs before framing
+existed is the payload rate).
 
 Output, per run and estimator (this worktree's ``kimad.control.estimator`` as "new", the one at git
 revision ``--old`` as "old", and the estimate the run itself logged as "logged"): the median absolute
