@@ -341,6 +341,22 @@ def test_the_ranks_import_a_snapshot_of_the_code_and_the_report_names_its_commit
     assert "code 0123456789ab + local changes." in path.read_text()
 
 
+def test_a_rank_started_in_the_checkout_imports_the_snapshot(tmp_path):
+    import subprocess
+
+    from kimad.bench.e2e import REPO_ROOT, rank_environment, snapshot_code
+
+    code = snapshot_code(tmp_path)
+    (code / "kimad" / "_where.py").write_text("print(__file__)\n")  # only the snapshot has this module
+    # ranks run "python -m kimad.bench.train" from wherever the comparison was started, often the checkout
+    for argv, module in ((["-c", "import kimad; print(kimad.__file__)"], "__init__.py"),
+                         (["-m", "kimad._where"], "_where.py")):
+        done = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                              env=rank_environment(code), timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == str(code / "kimad" / module)
+
+
 def test_the_code_version_is_this_checkouts_commit():
     from kimad.bench.e2e import code_version
 

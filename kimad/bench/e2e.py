@@ -128,9 +128,13 @@ def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list
 
 def rank_environment(code_root: Path = REPO_ROOT) -> dict[str, str]:
     """This environment with ``code_root`` (the folder holding the ``kimad`` package the ranks import: this
-    checkout, or a comparison's snapshot of it) first on PYTHONPATH."""
+    checkout, or a comparison's snapshot of it) first on PYTHONPATH. For a snapshot also ``PYTHONSAFEPATH=1``:
+    ``python -m`` and ``-c`` otherwise put the working directory (often this checkout) ahead of PYTHONPATH."""
     path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=f"{code_root}{os.pathsep}{path}" if path else str(code_root))
+    env = dict(os.environ, PYTHONPATH=f"{code_root}{os.pathsep}{path}" if path else str(code_root))
+    if Path(code_root) != REPO_ROOT:
+        env["PYTHONSAFEPATH"] = "1"
+    return env
 
 
 def snapshot_code(out: Path) -> Path:
@@ -239,8 +243,8 @@ def run_localhost(method: str, args: argparse.Namespace, out: Path, bar) -> int:
     command = [horovodrun, "-np", str(args.nodes), "-H", f"localhost:{args.nodes}", "--gloo",
                *train_command(method, args, log_path)]
     with open(out / f"{method}.out", "w") as console:
-        proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT, env=rank_environment(args.code_root),
-                                start_new_session=True)
+        proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
+                                env=rank_environment(args.code_root), start_new_session=True)
         try:
             deadline = time.monotonic() + job_deadline_s(args)
             _follow(lambda: proc.poll() is not None or time.monotonic() > deadline, log_path, bar, args.seconds)
