@@ -227,3 +227,22 @@ def test_report_command_rewrites_a_finished_comparison_with_another_target(lm_lo
     assert report.main([str(lm_logs), "--target-loss", "2.7"]) == 0
     assert "| none | 10.0 | 20.0 | 2.450 |" in capsys.readouterr().out
     assert "| none | 10.0 | 20.0 | 2.450 |" in (lm_logs / "report.md").read_text()
+
+
+def test_a_repeated_language_model_comparison_reports_validation_loss_medians(tmp_path):
+    meta = {"workload": "stdlib-lm", "nodes": 2, "trace": None, "rate_mbit": None, "seconds": 20.0,
+            "budget": "auto:1", "eval_every_s": 5.0, "target": 0.9, "target_loss": None, "seed": 0, "shaped": False,
+            "unshaped_reason": "--localhost was given", "methods": ["none", "kimad+"], "started": "2027-01-01 00:00:00"}
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "repeats": 2}))
+    for i, last in enumerate((2.47, 2.53)):
+        d = tmp_path / f"repeat-{i + 1}"
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps(meta))
+        lm_run(d, "none", 1.0, [3.1, 2.7, 2.55, 2.45])
+        lm_run(d, "kimad+", 0.25, [3.0, 2.58, 2.52, last])  # loss 2.6 at 2.5 s in both; 2.5 at 5 s or never
+    text = report.write_repeats_report(tmp_path).read_text()
+    assert "| method | time to loss 2.60 (s) | time to loss 2.50 (s) | final val loss | mean step (ms) | steps |" in text
+    assert "| kimad+ | 2.5 | not reached [5.0-not reached] | 2.500 [2.470-2.530] | 250.0 | 20 |" in text
+    # final loss +0.02 and +0.08 nats/token against 2.45: median +0.05, the tolerance itself
+    assert ("| kimad+ final validation loss within 0.05 nats/token of uncompressed | +0.020 nats/token | "
+            "+0.080 nats/token | median +0.050 nats/token | yes |") in text
