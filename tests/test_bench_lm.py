@@ -241,7 +241,8 @@ def test_a_repeated_language_model_comparison_reports_validation_loss_medians(tm
         lm_run(d, "none", 1.0, [3.1, 2.7, 2.55, 2.45])
         lm_run(d, "kimad+", 0.25, [3.0, 2.58, 2.52, last])  # loss 2.6 at 2.5 s in both; 2.5 at 5 s or never
     text = report.write_repeats_report(tmp_path).read_text()
-    assert "| method | time to loss 2.60 (s) | time to loss 2.50 (s) | final val loss | mean step (ms) | steps |" in text
+    assert ("| method | time to loss 2.60 (s) | time to loss 2.50 (s) | final val loss | mean step (ms) | steps |"
+            in text)
     assert "| kimad+ | 2.5 | not reached [5.0-not reached] | 2.500 [2.470-2.530] | 250.0 | 20 |" in text
     # final loss +0.02 and +0.08 nats/token against 2.45: median +0.05, the tolerance itself
     assert ("| kimad+ final validation loss within 0.05 nats/token of uncompressed | +0.020 nats/token | "
