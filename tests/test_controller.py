@@ -216,3 +216,64 @@ def test_fill_leaves_over_budget_and_static_plans_alone():
     static = Controller(world_size=4, budget=1.0, allocator="static", densities=(0.01,), fill=True)
     one_density = [TensorProfile(p.name, p.numel, p.sq_norm, p.topk_errors[4:5]) for p in profiles()]  # 0.01
     assert {e.label for e in static.plan(one_density, step=0).entries} == {"topk0.01", "dense32"}
+
+
+def link_change(c: Controller, before_bps: float, after_bps: float, steps: int = 30) -> int:
+    """Feed ``steps`` steps of a clean link at ``before_bps`` then at ``after_bps`` (bits-bound messages), planning
+    every step after the change until the estimator declares it; returns the step it did."""
+    def feed(step: int, bps: float) -> None:
+        for nbytes in (100_000, 1_000_000):
+            c.observe_collective("allreduce", nbytes, 6e-4 + 8 * 1.5 * nbytes / bps, step)
+
+    for step in range(steps):
+        feed(step, before_bps)
+        c.plan(profiles(), step=step)
+    for step in range(steps, 2 * steps):
+        feed(step, after_bps)
+        before = c.estimator.state.regime_changes
+        c.estimate()
+        if c.estimator.state.regime_changes > before:
+            return step
+        c.plan(profiles(), step=step)
+    raise AssertionError("the estimator never declared the change")
+
+
+def test_after_the_link_turns_faster_two_plans_probe_at_twice_the_estimate():
+    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    step = link_change(c, 2e7, 1e8)
+    ref = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    ref.load_state_dict(c.state_dict())  # the same estimate, no probe pending
+    est = c.estimate()
+    probed, flags = [], []
+    for i in range(3):
+        probed.append(c.plan(profiles(), step=step + i))
+        flags.append(c.probing)
+    assert flags == [True, True, False]
+    # the first two plans are priced at twice the bandwidth: each message gets ~twice the bytes
+    plain = ref.plan(profiles(), step=step)
+    assert not ref.probing
+    assert probed[0].total_bytes > 1.5 * plain.total_bytes and probed[1].total_bytes > 1.5 * plain.total_bytes
+    assert probed[2].total_bytes == plain.total_bytes
+    assert c.estimate().bandwidth_bps == est.bandwidth_bps  # probing prices plans; the estimate is untouched
+
+
+def test_a_slower_link_or_probe_factor_1_never_probes():
+    slower = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    step = link_change(slower, 1e8, 2e7)
+    for i in range(3):
+        slower.plan(profiles(), step=step + i)
+        assert not slower.probing
+    off = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES, probe_factor=1)
+    step = link_change(off, 2e7, 1e8)
+    off.plan(profiles(), step=step)
+    assert not off.probing
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(probe_factor=0.5), "probe_factor"),
+                                           (dict(probe_factor=math.nan), "probe_factor"),
+                                           (dict(probe_factor=True), "probe_factor"),
+                                           (dict(probe_steps=-1), "probe_steps"),
+                                           (dict(probe_steps=1.5), "probe_steps")])
+def test_bad_probe_settings_raise_named_errors(kwargs, match):
+    with pytest.raises(ControllerError, match=match):
+        Controller(world_size=2, **kwargs)

@@ -381,7 +381,8 @@ def test_measured_communication_time_tracks_a_fixed_budget_on_a_shaped_link(tmp_
     (line,) = re.findall(r"kimad budget: (\{.*\})", output)
     r = json.loads(line)
     print(f"\nshaped 50 Mbit/s: budget {r['budget_s'] * 1e3:.1f} ms, estimate {r['bandwidth_bps'] / 1e6:.1f} Mbit/s; "
-          f"measured comm within +-25% on {r['within_25pct']:.0%} of steps, median comm/budget {r['median_ratio']:.2f}")
+          f"measured comm within +-25% on {r['within_25pct']:.0%} of steps, median comm/budget "
+          f"{r['median_ratio']:.2f}; probing plans at steps {r['probe_steps']}")
     assert r["median_bytes"] < 0.5 * r["dense_bytes"]
     assert r["within_25pct"] >= 0.8, r["ratios"]
     assert 0.75 <= r["median_ratio"] <= 1.25
