@@ -455,21 +455,28 @@ def _ms(x: float | None) -> str:
     return "" if x is None else f"{1e3 * x:.1f}"
 
 
-def write_report(out: Path, target: float | None = None, target_loss: float | None = None) -> Path:
-    """Read the logs in ``out``, write the plots and ``out/report.md``; returns the report's path.
-
-    ``target`` (accuracy) and ``target_loss`` (nats/token) replace those of ``meta.json`` when given.
-    """
+def read_comparison(out: Path, target: float | None = None,
+                    target_loss: float | None = None) -> tuple[dict, dict[str, Run]]:
+    """``(meta, runs)`` of the comparison in ``out``; ``target`` (accuracy) and ``target_loss`` (nats/token)
+    replace those of its ``meta.json`` when given."""
     out = Path(out)
     meta = json.loads((out / "meta.json").read_text())
     if target is not None:
         meta["target"] = target
     if target_loss is not None:
         meta["target_loss"] = target_loss
-    runs = load_runs(out, meta["methods"], evaluation_target(meta)[0])
-    plots = plot_all(runs, out)
+    return meta, load_runs(out, meta["methods"], evaluation_target(meta)[0])
+
+
+def write_report(out: Path, target: float | None = None, target_loss: float | None = None) -> Path:
+    """Read the logs in ``out`` (:func:`read_comparison`), write the plots and ``out/report.md``; returns the
+    report's path."""
+    return _write_report(Path(out), *read_comparison(out, target, target_loss))
+
+
+def _write_report(out: Path, meta: dict, runs: dict[str, Run]) -> Path:
     path = out / "report.md"
-    path.write_text(render(meta, runs, plots))
+    path.write_text(render(meta, runs, plot_all(runs, out)))
     return path
 
 
@@ -554,13 +561,9 @@ def write_repeats_report(out: Path, target: float | None = None, target_loss: fl
         raise ValueError(f"{out}/meta.json names no repeats: a single comparison (write_report)")
     repeats = []
     for d in dirs:
-        write_report(d, target, target_loss)
-        meta = json.loads((d / "meta.json").read_text())
-        if target is not None:
-            meta["target"] = target
-        if target_loss is not None:
-            meta["target_loss"] = target_loss
-        repeats.append(load_runs(d, meta["methods"], evaluation_target(meta)[0]))
+        meta, runs = read_comparison(d, target, target_loss)
+        _write_report(d, meta, runs)
+        repeats.append(runs)
     path = out / "report.md"
     path.write_text(render_repeats(meta, repeats))
     return path

@@ -153,9 +153,10 @@ class Controller:
         return self.estimator.estimate()
 
     # -- planning ------------------------------------------------------------------------------
-    def cost_model(self) -> CostModel:
-        """The cost model of the current estimate (batched as the controller is)."""
-        return CostModel.from_estimate(self.estimate(), self.world_size, batched=self.batched)
+    def cost_model(self, estimate: BandwidthEstimate | None = None) -> CostModel:
+        """The cost model of ``estimate`` (default: the current one), batched as the controller is."""
+        return CostModel.from_estimate(estimate if estimate is not None else self.estimate(), self.world_size,
+                                       batched=self.batched)
 
     def menus(self, profiles: Sequence[TensorProfile],
               cost_model: CostModel | None = None) -> list[tuple[str, tuple[Option, ...]]]:
@@ -177,7 +178,7 @@ class Controller:
         """The plan of ``step`` for these tensors (in this order); see the module docstring."""
         if not profiles:
             raise ControllerError("a plan needs at least one tensor profile")
-        cost_model = CostModel.from_estimate(self._planning_estimate(step), self.world_size, batched=self.batched)
+        cost_model = self.cost_model(self._planning_estimate(step))
         menus = self.menus(profiles, cost_model)
         budget_s = self.budget.budget_s()
         allocation = self._allocate(menus, budget_s)
