@@ -241,8 +241,8 @@ def link_change(c: Controller, before_bps: float, after_bps: float, steps: int =
 def test_after_the_link_turns_faster_two_plans_probe_at_twice_the_estimate():
     c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
     step = link_change(c, 2e7, 1e8)
-    ref = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
-    ref.load_state_dict(c.state_dict())  # the same estimate, no probe pending
+    ref = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES, probe_factor=1)
+    ref.load_state_dict(c.state_dict())  # the same estimate, never probing
     est = c.estimate()
     probed, flags = [], []
     for i in range(3):
@@ -255,6 +255,25 @@ def test_after_the_link_turns_faster_two_plans_probe_at_twice_the_estimate():
     assert probed[0].total_bytes > 1.5 * plain.total_bytes and probed[1].total_bytes > 1.5 * plain.total_bytes
     assert probed[2].total_bytes == plain.total_bytes
     assert c.estimate().bandwidth_bps == est.bandwidth_bps  # probing prices plans; the estimate is untouched
+
+
+def test_a_checkpoint_taken_during_a_probe_resumes_it_and_an_old_one_starts_none():
+    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    step = link_change(c, 2e7, 1e8)
+    c.plan(profiles(), step=step)
+    assert c.probing
+    resumed = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    resumed.load_state_dict(c.state_dict())
+    flags = []
+    for i in (1, 2):
+        resumed.plan(profiles(), step=step + i)
+        flags.append(resumed.probing)
+    assert flags == [True, False]  # the second of the two probing plans, then none
+    old = {"estimator": c.state_dict()["estimator"]}  # a checkpoint from before the probe existed
+    from_old = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    from_old.load_state_dict(old)
+    from_old.plan(profiles(), step=step + 1)
+    assert not from_old.probing
 
 
 def test_a_slower_link_or_probe_factor_1_never_probes():

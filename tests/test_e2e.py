@@ -320,6 +320,25 @@ def test_repeats_run_every_method_in_turn_into_their_own_directories(tmp_path, m
     assert "repeats" not in json.loads((tmp_path / "repeat-2" / "meta.json").read_text())
 
 
+def test_a_comparison_removes_the_repeats_an_earlier_one_left_in_its_output(tmp_path, monkeypatch, capsys):
+    import kimad.emulate
+    from kimad.bench import e2e
+
+    def fake_shaped(method, args, out, bar):
+        synthetic_run(out, method, step_s=0.5, accuracies=[0.95], kimad=method != "none")
+        return 0
+
+    monkeypatch.setattr(kimad.emulate, "require_privileges", lambda: None)
+    monkeypatch.setattr(e2e, "run_shaped", fake_shaped)
+    e2e.run(parse_args(["--methods", "none", "--repeats", "3", "--out", str(tmp_path)]))
+    (tmp_path / "repeat-notes").mkdir()  # not a repeat: left alone
+    e2e.run(parse_args(["--methods", "none", "--repeats", "2", "--out", str(tmp_path)]))
+    assert sorted(p.name for p in tmp_path.glob("repeat-*")) == ["repeat-1", "repeat-2", "repeat-notes"]
+    e2e.run(parse_args(["--methods", "none", "--out", str(tmp_path)]))
+    assert sorted(p.name for p in tmp_path.glob("repeat-*")) == ["repeat-notes"]
+    assert "removing" in capsys.readouterr().err
+
+
 def test_the_ranks_import_a_snapshot_of_the_code_and_the_report_names_its_commit(tmp_path, monkeypatch):
     import kimad.emulate
     from kimad.bench import e2e

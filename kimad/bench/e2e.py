@@ -280,6 +280,10 @@ def run(args: argparse.Namespace) -> Path:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}
     args.code_root = snapshot_code(out)
     dirs = [out] if args.repeats == 1 else [out / f"{report.REPEAT_PREFIX}{i + 1}" for i in range(args.repeats)]
+    for stale in sorted(out.glob(f"{report.REPEAT_PREFIX}*")):
+        if stale.is_dir() and stale.name[len(report.REPEAT_PREFIX):].isdigit() and stale not in dirs:
+            print(f"e2e: removing {stale}, a repeat of an earlier comparison in {out}", file=sys.stderr)
+            shutil.rmtree(stale)  # this comparison's meta.json replaces the one that counted it
     for d in dirs:  # each repeat is a comparison of its own; OUT's meta.json says how many there are
         d.mkdir(exist_ok=True)
         (d / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -224,12 +224,22 @@ class Controller:
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything the controller learnt (the estimator's samples and fit), as plain data."""
-        return {"estimator": self.estimator.state_dict()}
+        """Everything the controller learnt (the estimator's samples and fit, and where a probe stands), as
+        plain data."""
+        return {"estimator": self.estimator.state_dict(),
+                "probe": {"seen_changes": self._seen_changes, "last_bandwidth_bps": self._last_bandwidth,
+                          "until_step": self._probe_until}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore a :meth:`state_dict` (one without ``"probe"``, from before the probe, resumes with none
+        running and the restored estimator's regime changes taken as seen)."""
         self.estimator.load_state_dict(state["estimator"])
+        probe = state.get("probe")
+        if probe is None:
+            probe = {"seen_changes": self.estimator.state.regime_changes,
+                     "last_bandwidth_bps": self.estimator.state.bandwidth_bps, "until_step": -1}
+        self._seen_changes, self._last_bandwidth = int(probe["seen_changes"]), float(probe["last_bandwidth_bps"])
+        self._probe_until = int(probe["until_step"])
 
 
 _FILL_ITERATIONS = 40  # at most this many bisection steps on the growth factor
