@@ -224,12 +224,21 @@ def targets(runs: dict[str, Run], target: float) -> list[Target]:
             rows.append(Target(f"{name}: comm time within ±25% of budget on >= 80% of steps", f"{share:.0%} of steps",
                                share, COMM_SHARE, at_least=True, unit="share"))
     if kimad_plus is not None:
-        ttt = kimad_plus.time_to_target(target)
-        name = _target_name(kimad_plus.metric, target)
         base = runs.get("none")
+        statics = [r for m, r in runs.items() if m.startswith("static")]
+        # The time targets at the comparison's target and at the harder one of the table's second column: on
+        # the digits, 90% may come before the link first changes, so only the harder one sees adaptation.
+        for goal in dict.fromkeys((target, harder_target(kimad_plus.metric, target))):
+            ttt = kimad_plus.time_to_target(goal)
+            name = _target_name(kimad_plus.metric, goal)
+            if base is not None:
+                rows.append(_ratio_target(f"kimad+ time-to-{name} <= 0.5x uncompressed", ttt,
+                                          base.time_to_target(goal), _length(base), 0.5))
+            if statics:
+                reached = [r.time_to_target(goal) for r in statics if r.time_to_target(goal) is not None]
+                rows.append(_ratio_target(f"kimad+ time-to-{name} <= 0.8x best static", ttt,
+                                          min(reached) if reached else None, max(_length(r) for r in statics), 0.8))
         if base is not None:
-            rows.append(_ratio_target(f"kimad+ time-to-{name} <= 0.5x uncompressed", ttt,
-                                      base.time_to_target(target), _length(base), 0.5))
             fa, fb = kimad_plus.final(), base.final()
             if fa is not None and fb is not None and kimad_plus.metric == "val_loss":
                 rows.append(Target(f"kimad+ final validation loss within {FINAL_LOSS_TOLERANCE:g} nats/token of "
@@ -239,11 +248,6 @@ def targets(runs: dict[str, Run], target: float) -> list[Target]:
                 rows.append(Target("kimad+ final accuracy within 1 point of uncompressed",
                                    f"{100 * (fa - fb):+.1f} points", fa - fb, -0.01, at_least=True,
                                    unit="points"))
-        statics = [r for m, r in runs.items() if m.startswith("static")]
-        if statics:
-            reached = [r.time_to_target(target) for r in statics if r.time_to_target(target) is not None]
-            rows.append(_ratio_target(f"kimad+ time-to-{name} <= 0.8x best static", ttt,
-                                      min(reached) if reached else None, max(_length(r) for r in statics), 0.8))
     return rows
 
 
@@ -406,12 +410,8 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     lines[-1] += (_workload_text(meta, metric) + f"Kimad budget: {budget}"
                   f" (static top-k runs through the same plugin, ignoring it). Started {meta['started']}"
                   f"{_code_text(meta)}.")
-    harder = harder_target(metric, target)
-    if metric == "val_loss":
-        columns, final = f"time to loss {target:.2f} (s) | time to loss {harder:.2f} (s) | final val loss", _nats
-    else:
-        columns, final = f"time to {target:.0%} (s) | time to {harder:.0%} (s) | final accuracy", _pct
-    lines += ["", f"| method | {columns} | total bytes/rank | mean step (ms) | steps |",
+    names, final = _figure_columns(metric, target)
+    lines += ["", f"| method | {' | '.join(names)} | total bytes/rank | mean step (ms) | steps |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for run in runs.values():
         row = summary(run, target)
@@ -441,6 +441,15 @@ def _code_text(meta: dict) -> str:
 
 def _met(met: bool | None) -> str:
     return "n/a" if met is None else ("yes" if met else "NO")
+
+
+def _figure_columns(metric: str, target: float) -> tuple[tuple[str, str, str], object]:
+    """The table's names of the time-to-target, time-to-harder-target and final columns, and the final
+    figure's formatter."""
+    harder = harder_target(metric, target)
+    if metric == "val_loss":
+        return (f"time to loss {target:.2f} (s)", f"time to loss {harder:.2f} (s)", "final val loss"), _nats
+    return (f"time to {target:.0%} (s)", f"time to {harder:.0%} (s)", "final accuracy"), _pct
 
 
 def _pct(x: float | None) -> str:
@@ -521,7 +530,6 @@ def aggregate_targets(repeats: list[list[Target]]) -> list[tuple[Target, list[st
 def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
     """The Markdown report of a repeated comparison: every method's figures and every target over the repeats."""
     metric, target = evaluation_target(meta)
-    harder = harder_target(metric, target)
     n = len(repeats)
     where = (f"{meta['nodes']} emulated nodes, trace `{meta['trace']}`"
              + (f" (period {meta['period_s']:g} s)" if meta.get("period_s") else "")
@@ -532,10 +540,7 @@ def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
              f"repeat, so slow drift of the machine touches every method alike), each with its own report and "
              f"plots in `{REPEAT_PREFIX}<i>/`. Figures: median [min-max] over the repeats. {where}, "
              f"{meta['seconds']:g} s of training per method. Started {meta['started']}{_code_text(meta)}.", ""]
-    if metric == "val_loss":
-        names, final = (f"time to loss {target:.2f} (s)", f"time to loss {harder:.2f} (s)", "final val loss"), _nats
-    else:
-        names, final = (f"time to {target:.0%} (s)", f"time to {harder:.0%} (s)", "final accuracy"), _pct
+    names, final = _figure_columns(metric, target)
     lines += [f"| method | {' | '.join(names)} | mean step (ms) | steps |", "|---|---:|---:|---:|---:|---:|"]
     methods = [m for m in meta["methods"] if all(m in runs for runs in repeats)]
     for method in methods:

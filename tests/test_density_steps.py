@@ -1,0 +1,43 @@
+"""benchmarks/density_steps.py: the simulated workers' compression and its plan option (not its figures)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "density_steps.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("density_steps", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_plan_parses_and_bad_ones_are_named_errors(bench):
+    assert bench.parse_plan("a.weight=0.1,b=1") == {"a.weight": 0.1, "b": 1.0}
+    for bad in ("a=0", "a=1.5", "a=x", "=0.1", "a"):
+        with pytest.raises(ValueError, match="--plan"):
+            bench.parse_plan(bad)
+    with pytest.raises(SystemExit):  # argparse reports it and exits 2
+        bench.parse_args(["--plan", "a=2"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--densities", "0"])
+
+
+def test_dense_sends_everything_and_top_k_loses_a_share_of_the_error_feedback_difference(bench):
+    dense = bench.train("digits-cnn", 1.0, workers=2, seed=0, max_steps=3, eval_every=3)
+    assert dense["delta"] == [0.0, 0.0, 0.0]
+    sparse = bench.train("digits-cnn", 0.01, workers=2, seed=0, max_steps=3, eval_every=3)
+    assert all(0.0 < d < 1.0 for d in sparse["delta"])
+    # a plan compressing only the large classifier loses less than top-k 1% on every large tensor
+    plan = bench.train("digits-cnn", {"classifier.1.weight": 0.01}, workers=2, seed=0, max_steps=3, eval_every=3)
+    assert all(0.0 < p < s for p, s in zip(plan["delta"], sparse["delta"]))
+    assert set(dense["steps"]) == {0.90, 0.95}
+
+
+def test_a_plan_naming_a_tensor_the_model_lacks_stops_with_its_names(bench):
+    with pytest.raises(SystemExit, match="classifier.1.weight"):
+        bench.train("digits-cnn", {"nope.weight": 0.1}, workers=2, seed=0, max_steps=1, eval_every=1)
