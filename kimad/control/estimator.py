@@ -30,7 +30,10 @@ bit. The fit, redone lazily when an estimate is asked for:
    same everywhere), or the joint fit is unphysical (``alpha < 0`` or ``beta <= 0``), keep the last
    identified latency (initially the prior) and fit ``beta`` alone; failing that, ``alpha = 0``.
 5. Regime change. Only samples that spend at least half their predicted time on bits can see a bandwidth
-   change; the others are skipped. Walk back from the newest such sample over those whose ``r`` against
+   change, and of a step's samples only its largest (most bits) is used: a step's small collective
+   (Kimad's agree allgather) carries milliseconds of scheduling jitter, and on a slow link, where its bits
+   count, its samples broke every run of faster large ones after a speed-up; the others are skipped. Walk
+   back from the newest such sample over those whose ``r`` against
    the fit has its sign and exceeds the threshold; the first one that does not ends the run. The run is a
    new regime if it holds at least ``change_samples`` (>= 3) such samples, older samples precede it and
    it spans at least ``0.2 * half_life_steps`` steps (1 step at the default 5) when the samples got
@@ -38,7 +41,8 @@ bit. The fit, redone lazily when an estimate is asked for:
    (3: at least 4 steps) when they got slower, so that a burst of stalled steps no longer than that never
    resets the fit (the longest burst in six 2- and 4-node emulated runs, once waiting ranks stopped spinning,
    was 2 steps of samples 1.4x slower than predicted; with spinning ranks, bursts of 4 were seen). It is
-   found against the current fit with a 10% threshold, then confirmed against a fit of the samples before it, with threshold ``max(change_sigmas * noise scale, log 1.1)`` of *their*
+   found against the current fit with a 10% threshold, then confirmed against a fit of the samples before
+   it, with threshold ``max(change_sigmas * noise scale, log 1.1)`` of *their*
    residuals (the noise scale of step 3, every sample weighing alike; the current fit, already leaning
    to the new samples, would inflate the spread), capped at ``log 2``: a run of samples each 2x off the old
    fit is off it however noisy the old samples were (latency-bound ones jitter by the scheduler's
@@ -456,13 +460,19 @@ class BandwidthEstimator:
         the fit of the samples before it."""
         s = self.state
 
+        # Of each step's samples only its largest (most bits) takes part: a step's small collective (Kimad's
+        # agree allgather) jitters by the scheduler's milliseconds and must not break a run of large ones.
+        order = np.lexsort((data[:, 1], data[:, 3]))  # by step, then bits: each step's largest comes last
+        largest = np.zeros(len(data), dtype=bool)
+        largest[order[np.r_[data[order[1:], 3] != data[order[:-1], 3], True]]] = True
+
         def trailing_run(fit: tuple, threshold: float) -> int:
             # walk back over the samples off the fit by more than threshold on the last one's side; samples
             # mostly spent on latency may sit in the run (they cannot see a bandwidth change), any other ends it
             latency, seconds_per_bit = fit[0], fit[1]
             bits_time, predicted = seconds_per_bit * data[:, 1], latency * data[:, 0] + seconds_per_bit * data[:, 1]
             r = np.log(data[:, 2] / np.maximum(predicted, 1e-300))
-            informative = np.flatnonzero(bits_time >= _MUTE_SHARE * predicted)
+            informative = np.flatnonzero((bits_time >= _MUTE_SHARE * predicted) & largest)
             if len(informative) == 0:
                 return 0
             side, count, start = np.sign(r[informative[-1]]), 0, len(r)  # the newest sample that can see the link
