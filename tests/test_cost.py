@@ -179,3 +179,17 @@ def test_the_batched_byte_budget_refuses_mismatched_inputs_and_shares_outside_ze
         cost.batched_byte_budget([True, False], [10], budget_s=0.1, min_byte_share=0.5)
     with pytest.raises(CostModelError, match="min_byte_share"):
         cost.batched_byte_budget([True], [10], budget_s=0.1, min_byte_share=1.5)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 5])
+@pytest.mark.parametrize("batched", [False, True])
+def test_message_time_is_option_time_of_the_message_size(world_size, batched):
+    cm = CostModel(bandwidth_bps=3e7, latency_s=2e-3, world_size=world_size, batched=batched,
+                   framing=TCP_ETHERNET_FRAMING)
+    for fmt, kw in (("dense32", {}), ("dense16", {}), ("topk", {"k": 70}), ("qsgd", {"bits": 2}), ("sign", {})):
+        nbytes = message_bytes(fmt, 9000, **kw)
+        assert cm.message_time(fmt, nbytes) == pytest.approx(cm.option_time(fmt, 9000, **kw), rel=1e-12, abs=1e-15)
+        assert cm.message_time(MessageFormat(fmt), nbytes) == cm.message_time(fmt, nbytes)
+    for bad in (-1, math.nan, math.inf):
+        with pytest.raises(CostModelError, match="finite number >= 0 of bytes"):
+            cm.message_time("topk", bad)

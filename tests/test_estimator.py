@@ -483,3 +483,24 @@ def test_a_stall_burst_straddling_a_change_is_followed_by_its_7th_step(rates, se
     for step in range(CHANGE + 6, CHANGE + 12):
         true, got = trace[step]
         assert got == pytest.approx(true, rel=0.15), f"step {step}"
+
+
+def test_the_fit_stops_iterating_only_where_more_iterations_would_not_move_the_estimate(monkeypatch):
+    # The robust fit's iterations end once a step moves no predicted time by more than _FIT_TOLERANCE of it;
+    # with the tolerance 0 they run to their caps. Estimates must agree far inside the timing noise.
+    import kimad.control.estimator as estimator
+
+    def run():
+        est, rng, out = BandwidthEstimator(), np.random.default_rng(11), []
+        for block, bandwidth in enumerate((1e8, 2e7, 1e8)):  # with two regime changes
+            for step in range(30 * block, 30 * block + 30):
+                feed(est, rng, 1, bandwidth, 2e-3, n=4, start=step, noise=0.1)
+                e = est.estimate()
+                out.append((e.bandwidth_bps, e.latency_s))
+        return np.array(out), est.state.regime_changes
+
+    early, changes = run()
+    monkeypatch.setattr(estimator, "_FIT_TOLERANCE", 0.0)
+    full, full_changes = run()
+    assert changes == full_changes == 2
+    np.testing.assert_allclose(early, full, rtol=1e-5)

@@ -75,6 +75,11 @@ def test_labels_are_unique_within_a_menu():
     assert len(set(labels)) == len(labels) == 17
 
 
+def test_densities_equal_to_six_digits_are_labelled_in_full_the_others_short():
+    labels = [o.label for o in menu(densities=(0.1, 0.1000001, 0.0123456789), errors=[0.5] * 3)]
+    assert labels == ["dense32", "topk0.1000001", "topk0.1", "topk0.0123457"]
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(compressors=("topk", "powersgd")),
     dict(densities=(), errors=()),

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,15 @@ def test_malformed_json_raises_a_named_error(text):
     with pytest.raises(PlanError):
         Plan.from_json(text)
     assert issubclass(PlanError, KimadError)
+
+
+@pytest.mark.parametrize("field, name", [("time_s", "time_s of 'fc1.weight'"), ("error", "error of 'fc1.weight'")])
+def test_a_nan_entry_is_named(field, name):
+    p = plan()
+    entries = list(p.entries)
+    entries[1] = dataclasses.replace(entries[1], **{field: math.nan})
+    with pytest.raises(PlanError, match=re.escape(f"plan {name} is NaN")):
+        dataclasses.replace(p, entries=tuple(entries))
 
 
 def test_a_tensor_named_twice_raises():

@@ -139,10 +139,25 @@ class CostModel:
         """Seconds to exchange one tensor's message: dense formats by allreduce, the others by allgather
         (without the collective's latencies when :attr:`batched`)."""
         fmt = MessageFormat(fmt)
-        seconds = self.collective_time(fmt.collective, self.option_bytes(fmt, numel, k=k, bits=bits))
-        if self.batched and self.world_size > 1:
-            seconds -= latency_terms(fmt.collective, self.world_size) * self.latency_s
-        return seconds
+        return self.message_time(fmt, self.option_bytes(fmt, numel, k=k, bits=bits))
+
+    def message_time(self, fmt: MessageFormat | str, nbytes: float) -> float:
+        """:meth:`option_time` of a message of ``nbytes`` bytes per rank in format ``fmt``. (The controller prices
+        every option of every tensor with it, every step: it computes directly what :meth:`collective_time`
+        does, without validating the collective again.)"""
+        if not isinstance(fmt, MessageFormat):
+            fmt = MessageFormat(fmt)
+        if not (nbytes >= 0 and math.isfinite(nbytes)):
+            raise CostModelError(f"a {fmt.value} message has a finite number >= 0 of bytes, got {nbytes!r}")
+        n = self.world_size
+        if n == 1:
+            return 0.0
+        if fmt.collective == "allreduce":
+            link, terms = 2.0 * (n - 1) / n * nbytes, 2 * (n - 1)
+        else:
+            link, terms = float(n - 1) * nbytes, n - 1
+        seconds = 8.0 * self.framing * link / self.bandwidth_bps
+        return seconds if self.batched else terms * self.latency_s + seconds
 
     def dense_rides(self, nbytes: int) -> bool:
         """Whether ``nbytes`` of dense float32 cost less added to a step's allgather (its bytes only: the

@@ -20,12 +20,13 @@ bit. The fit, redone lazily when an estimate is asked for:
    than 12 samples (Kish) it is at least ``1.4826 * weighted MAD`` of ``r`` about its median. Three starts
    -- Huber fits of the whole window and of its last half-life, and the last estimate -- each lead Tukey
    biweight iterations that give zero weight to samples more than ``outlier_cutoff`` noise scales from the
-   fit. The fit kept is the one with the smallest weighted median of ``r`` if slower than the fit and
-   ``2 |r|`` if faster (a sample faster than a fit is evidence against it, a slower one may be a stall),
-   weighed over two half-lives, so that a burst of stalled steps cannot outvote the link; the last
-   estimate as a start keeps the fit where it was while the burst lasts. Zero-weight samples are counted
-   in ``outliers``. On its own this fit follows a step change in the link once the new samples carry most
-   of the (two half-life) weight; step 5 makes it faster.
+   fit (each run of iterations ends early once a step moves no sample's predicted time by more than 1e-7 of
+   it; the fit runs on every rank every step). The fit kept is the one with the smallest weighted median of
+   ``r`` if slower than the fit and ``2 |r|`` if faster (a sample faster than a fit is evidence against it, a
+   slower one may be a stall), weighed over two half-lives, so that a burst of stalled steps cannot outvote
+   the link; the last estimate as a start keeps the fit where it was while the burst lasts. Zero-weight
+   samples are counted in ``outliers``. On its own this fit follows a step change in the link once the new
+   samples carry most of the (two half-life) weight; step 5 makes it faster.
 4. If the samples do not separate ``alpha`` from ``beta`` (all of about one size, so ``X / T`` is the
    same everywhere), or the joint fit is unphysical (``alpha < 0`` or ``beta <= 0``), keep the last
    identified latency (initially the prior) and fit ``beta`` alone; failing that, ``alpha = 0``.
@@ -72,6 +73,7 @@ from kimad.errors import KimadError
 _HUBER_C = 1.345
 _HUBER_ITERS = 15
 _TUKEY_ITERS = 10
+_FIT_TOLERANCE = 1e-7  # iterations stop once a step moves no predicted time by more than this share of it
 _MIN_REL_SCALE = 1e-3  # relative residual scale floor: noise-free samples must not make every sample an outlier
 _IDENTIFIABLE_TOL = 1e-4  # 1 - cos^2 between the latency and bandwidth columns below which they are collinear
 _MIN_WEIGHT = 1e-4  # samples forgotten below this weight are dropped from the window
@@ -158,10 +160,16 @@ def _positive(name: str, value: float, allow_inf: bool = False) -> float:
     return value
 
 
-def _weighted_median(x: np.ndarray, w: np.ndarray, quantile: float = 0.5) -> float:
+def _weighted_quantiles(x: np.ndarray, w: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
+    """Weighted quantiles of ``x`` (weights ``w``), all from one sort: the smallest ``x`` whose cumulative weight
+    reaches each quantile's share of the total."""
     order = np.argsort(x)
     cum = np.cumsum(w[order])
-    return float(x[order][np.searchsorted(cum, quantile * cum[-1])])
+    return x[order][np.searchsorted(cum, np.asarray(quantiles) * cum[-1])]
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    return float(_weighted_quantiles(x, w, (0.5,))[0])
 
 
 def _noise_scale(r: np.ndarray, w: np.ndarray) -> float:
@@ -169,11 +177,11 @@ def _noise_scale(r: np.ndarray, w: np.ndarray) -> float:
     their fast tail (step 3 of the module docstring): stalls only inflate durations, so the spread between
     the 5% and 30% weighted quantiles (``1.12`` standard deviations of a normal) is mostly the noise's.
     Measured between quantiles rather than about the fit, it cannot shrink onto a fit through a few samples."""
-    lo, hi = _weighted_median(r, w, 0.05), _weighted_median(r, w, 0.3)
-    scale = (hi - lo) / 1.12
-    if float(np.sum(w)) ** 2 < _SCALE_SAMPLES * float(np.sum(w * w)):
+    lo, hi, median = _weighted_quantiles(r, w, (0.05, 0.3, 0.5))
+    scale = float(hi - lo) / 1.12
+    if float(np.sum(w)) ** 2 < _SCALE_SAMPLES * float(w @ w):
         # too few samples for quantiles 25% apart: the whole spread (stalls included) is the safer guess
-        scale = max(scale, 1.4826 * _weighted_median(np.abs(r - _weighted_median(r, w)), w))
+        scale = max(scale, 1.4826 * _weighted_median(np.abs(r - median), w))
     return max(scale, _MIN_REL_SCALE)
 
 
@@ -392,13 +400,17 @@ class BandwidthEstimator:
         a, b = a / ca, b / cb  # scaled columns keep the 2x2 normal equations well conditioned
         held_alpha, held_beta = s.latency_s * ca, cb / s.bandwidth_bps
 
-        saa, sbb = float(np.sum(w * a * a)), float(np.sum(w * b * b))
-        identifiable = (joint and saa > 0 and sbb > 0
-                        and 1 - float(np.sum(w * a * b)) ** 2 / (saa * sbb) >= _IDENTIFIABLE_TOL)
+        # Every weighted sum the fit needs is one matrix product: rows a^2, b^2, a*b (the normal equations) and
+        # a, b (their right-hand sides, times the target). The fit runs every step on every rank, so it is kept
+        # to a few numpy calls per iteration (benchmarks/control_step.py).
+        products, columns = np.stack((a * a, b * b, a * b)), np.stack((a, b))
+        saa, sbb, sab = (float(x) for x in products @ w)
+        identifiable = joint and saa > 0 and sbb > 0 and 1 - sab ** 2 / (saa * sbb) >= _IDENTIFIABLE_TOL
+
         def solve(u: np.ndarray, target: np.ndarray | float = 1.0) -> tuple[float, float, bool]:
             # weighted least squares of alpha * a + beta * b against target, physical solutions only
-            uaa, ubb, uab = float(np.sum(u * a * a)), float(np.sum(u * b * b)), float(np.sum(u * a * b))
-            ua, ub = float(np.sum(u * a * target)), float(np.sum(u * b * target))
+            uaa, ubb, uab = (float(x) for x in products @ u)
+            ua, ub = (float(x) for x in columns @ (u * target))
             det = uaa * ubb - uab * uab
             if identifiable and det > 0:
                 alpha, beta = (ubb * ua - uab * ub) / det, (uaa * ub - uab * ua) / det
@@ -419,9 +431,10 @@ class BandwidthEstimator:
 
         def reweigh(base: np.ndarray, alpha: float, beta: float, iters: int, tukey: bool):
             u, joint = base, False
+            scale_w = base ** (1.0 / _SCALE_MEMORY)
             for _ in range(iters):
                 r, q = residuals(alpha, beta)
-                t = np.abs(r) / _noise_scale(r, base ** (1.0 / _SCALE_MEMORY))
+                t = np.abs(r) / _noise_scale(r, scale_w)
                 if tukey:
                     c = s.outlier_cutoff
                     new_u = base * np.where(t < c, (1.0 - (t / c) ** 2) ** 2, 0.0)
@@ -431,7 +444,13 @@ class BandwidthEstimator:
                     break
                 u = new_u
                 # Gauss-Newton step on the log residual: log q' ~ log q + (q' - q) / q
-                alpha, beta, joint = solve(u / q ** 2, q * (1.0 + r))
+                step = solve(u / q ** 2, q * (1.0 + r))
+                # In the scaled columns (a, b <= 1) this bounds how far the step moved any sample's predicted time,
+                # relative to its measured one: once that is negligible, more iterations change nothing that counts.
+                converged = step[2] == joint and abs(step[0] - alpha) + abs(step[1] - beta) <= _FIT_TOLERANCE
+                alpha, beta, joint = step
+                if converged:
+                    break
             return alpha, beta, joint, u
 
         # Three starts: the whole window, its last half-life (so the estimate switches to a new link rate

@@ -23,10 +23,11 @@ nothing and costs a collective's latency.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
-from kimad.compressors.wire import QSGD_BITS, MessageFormat
+from kimad.compressors.wire import QSGD_BITS, MessageFormat, message_bytes
 from kimad.control.cost import CostModel
 from kimad.errors import KimadError
 
@@ -81,11 +82,18 @@ def _error(name: str, what: str, value: float) -> float:
     return value
 
 
-def _topk_label(density: float, grid: Sequence[float]) -> str:
-    """``topk<density>`` with 6 significant digits, or all of them when that would clash in the grid."""
-    short = f"{density:.6g}"
-    clash = sum(f"{d:.6g}" == short for d in grid) > 1
-    return f"topk{density!r}" if clash else f"topk{short}"
+@functools.lru_cache(maxsize=64)
+def _topk_labels(grid: tuple[float, ...]) -> dict[float, str]:
+    """Each density's label, ``topk<density>`` with 6 significant digits, or all of them when that would clash in
+    the grid (cached: a controller builds every tensor's menu from one grid, every step)."""
+    short = [f"{d:.6g}" for d in grid]
+    return {d: f"topk{d!r}" if short.count(s) > 1 else f"topk{s}" for d, s in zip(grid, short)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _message_bytes(fmt: MessageFormat, numel: int, k: int | None, bits: int | None) -> int:
+    """:func:`wire.message_bytes`, cached: a tensor's options have the same sizes every step."""
+    return message_bytes(fmt, numel, k=k, bits=bits)
 
 
 def build_menu(name: str, numel: int, *, cost_model: CostModel, densities: Sequence[float],
@@ -117,8 +125,8 @@ def build_menu(name: str, numel: int, *, cost_model: CostModel, densities: Seque
 
     def option(label: str, fmt: MessageFormat, level: int, error: float, k: int | None = None,
                bits: int | None = None) -> Option:
-        return Option(label, fmt, k, bits, level, cost_model.option_bytes(fmt, numel, k=k, bits=bits),
-                      cost_model.option_time(fmt, numel, k=k, bits=bits), error)
+        nbytes = _message_bytes(fmt, numel, k, bits)
+        return Option(label, fmt, k, bits, level, nbytes, cost_model.message_time(fmt, nbytes), error)
 
     options = [option("dense32", MessageFormat.DENSE32, 0, 0.0)]
     if numel < min_compress_numel:
@@ -132,13 +140,14 @@ def build_menu(name: str, numel: int, *, cost_model: CostModel, densities: Seque
             raise MenuError(f"tensor {name!r}: {len(topk_errors)} top-k errors for {len(densities)} densities")
         if len(set(densities)) != len(densities) or not all(0 < d <= 1 for d in densities):
             raise MenuError(f"tensor {name!r}: densities must be distinct and in (0, 1], got {densities}")
+        labels = _topk_labels(tuple(densities))
         for d, err in sorted(zip(densities, topk_errors), key=lambda de: -de[0]):
             err = _error(name, f"top-k (density {d:g})", err)
             if err > sq_norm * (1 + 1e-6) + 1e-30:
                 raise MenuError(f"tensor {name!r}: top-k error {err!r} at density {d:g} exceeds "
                                 f"||g||^2 = {sq_norm!r}; errors and norm must come from the same gradient")
             k = min(numel, max(1, round(d * numel)))
-            options.append(option(_topk_label(d, densities), MessageFormat.TOPK, level, err, k=k))
+            options.append(option(labels[d], MessageFormat.TOPK, level, err, k=k))
             level += 1
     if "qsgd" in compressors:
         if not qsgd_errors or any(b not in qsgd_errors for b in QSGD_BITS):

@@ -40,6 +40,9 @@ class PlanEntry:
     error: float
 
 
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(PlanEntry))  # (asdict deep-copies: slow every step)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The whole step's choice.
@@ -89,18 +92,20 @@ class Plan:
         if len(set(names)) != len(names):
             repeated = sorted({n for n in names if names.count(n) > 1})
             raise PlanError(f"a plan names each tensor once; repeated: {repeated}")
-        for what, value in (("total_time_s", self.total_time_s), ("total_error", self.total_error),
-                            ("budget_s", self.budget_s), *((f"time_s of {e.name!r}", e.time_s) for e in self.entries),
-                            *((f"error of {e.name!r}", e.error) for e in self.entries)):
-            if math.isnan(value):
-                raise PlanError(f"plan {what} is NaN; plans carry only real numbers")
+        values = [self.total_time_s, self.total_error, self.budget_s, *(e.time_s for e in self.entries),
+                  *(e.error for e in self.entries)]
+        if any(math.isnan(v) for v in values):  # (the names are only formatted for the message)
+            whats = ["total_time_s", "total_error", "budget_s", *(f"time_s of {e.name!r}" for e in self.entries),
+                     *(f"error of {e.name!r}" for e in self.entries)]
+            what = next(w for w, v in zip(whats, values) if math.isnan(v))
+            raise PlanError(f"plan {what} is NaN; plans carry only real numbers")
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (formats as their string values)."""
         return {"version": _VERSION, "step": self.step, "allocator": self.allocator, "budget_s": self.budget_s,
                 "over_budget": self.over_budget, "total_bytes": self.total_bytes,
                 "total_time_s": self.total_time_s, "total_error": self.total_error,
-                "entries": [{**dataclasses.asdict(e), "fmt": e.fmt.value} for e in self.entries]}
+                "entries": [{**{f: getattr(e, f) for f in _ENTRY_FIELDS}, "fmt": e.fmt.value} for e in self.entries]}
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, floats as shortest round-trip repr (``Infinity`` for inf)."""
