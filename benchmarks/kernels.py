@@ -26,6 +26,9 @@ Ops covered so far:
             "x torch" column is against the same two ops unfused (the encode builds its own
             histogram), not torch; what profiling adds on top of the encode is this row's time
             minus ef_topk's, in floors.
+  bitmap    (CPU, densities above 1/32, where a top-k message sends a bitmap instead of int32 indices) the
+            decode of one message's bitmap to its k int32 positions (``decode_topk``'s native scan,
+            bounds and count checks included) vs torch: unpack the bits (shift and mask) and ``nonzero``.
   qsgd4_ef  fused EF QSGD encode, 4 bits, buckets of 512 (payload + state update) vs torch:
             ``v = g + e``, bucket norms, ``floor(|v| / N * 7 + rand)``, ``e = v - Q(v)``, nibble packing.
   sign_ef   fused EF scaled-sign encode, buckets of 512, vs torch: ``v = g + e``, bucket mean |v|,
@@ -45,6 +48,8 @@ from collections.abc import Callable
 import torch
 
 from kimad.bench.machine import cpu_model
+from kimad.compressors.topk import decode_topk, encode_topk
+from kimad.compressors.wire import HEADER_BYTES, topk_uses_bitmap
 from kimad.ops import error_profile, qsgd_encode, sign_encode, sparse_sum, topk_encode, topk_profile
 
 
@@ -100,6 +105,23 @@ def bench_decode(d: int, density: float, ranks: int, repeats: int, device: torch
     return {"op": f"decode{ranks}", "d": d, "density": density, "median_ms": round(ours, 3),
             "x_floor": round(ours / floor, 2), "x_torch": round(ref / ours, 2), "floor_ms": round(floor, 3),
             "torch_ms": round(ref, 3)}
+
+
+def bench_bitmap(d: int, density: float, repeats: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(4)
+    k = max(1, int(d * density))
+    idx = torch.randint(0, d, (k,), generator=g).unique().to(torch.int32)
+    message = encode_topk(torch.randn(idx.numel(), generator=g), idx, d)
+    bitmap = message[HEADER_BYTES + 4 * idx.numel():]
+    a, b, c = torch.randn(d), torch.randn(d), torch.empty(d)
+    shifts = torch.arange(8, dtype=torch.uint8)
+
+    def torch_bitmap():
+        ((bitmap.unsqueeze(1) >> shifts) & 1).view(-1).view(torch.bool)[:d].nonzero().view(-1).to(torch.int32)
+
+    floor = median_ms(lambda: torch.add(a, b, out=c), repeats, device)
+    ours = median_ms(lambda: decode_topk(message, d), repeats, device)
+    return _row("bitmap", d, density, ours, floor, median_ms(torch_bitmap, repeats, device))
 
 
 def _row(op: str, d: int, density: float, ours: float, floor: float, ref: float) -> dict:
@@ -266,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     for d in sizes:
         reps = args.repeats if d <= 25_000_000 else max(3, args.repeats // 3)
         for density in densities:
+            bitmap = device.type == "cpu" and topk_uses_bitmap(d, max(1, int(d * density)))
             for row in (bench_decode(d, density, 8, reps, device),
                         bench_ef_topk(d, density, reps, device),
-                        bench_profile_encode(d, density, reps, device)):
+                        bench_profile_encode(d, density, reps, device),
+                        *([bench_bitmap(d, density, reps, device)] if bitmap else [])):
                 rows.append(row)
                 print_row(row)
         for row in (bench_profile16(d, reps, device), bench_qsgd4_ef(d, reps, device),

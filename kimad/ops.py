@@ -89,6 +89,39 @@ def sparse_accumulate(
     return out
 
 
+def bitmap_positions(bitmap: torch.Tensor, n: int, *, capacity: int, name: str = "tensor") -> tuple[torch.Tensor, int]:
+    """The positions a top-k message's bitmap marks: bit ``j`` of byte ``i`` is position ``8 i + j``.
+
+    Args:
+        bitmap: 1-D uint8 CPU tensor of ``ceil(n / 8)`` bytes (non-contiguous views are copied).
+        n: positions the bitmap covers (>= 0, <= 2**31); bits at ``n`` and past it (the last byte's padding) are
+            not read.
+        capacity: at most this many positions are returned (>= 0): a decoder expecting ``k`` passes ``k``.
+        name: the tensor's name, used in error messages.
+
+    Returns:
+        ``(positions, count)``: the first ``min(count, capacity)`` set positions below ``n`` in ascending order
+        (1-D int32), and ``count``, how many bits are set below ``n`` in all.
+
+    Raises:
+        KimadError: not a 1-D uint8 CPU tensor of ``ceil(n / 8)`` bytes, or ``n`` / ``capacity`` out of range.
+    """
+    if not isinstance(bitmap, torch.Tensor) or bitmap.dtype != torch.uint8 or bitmap.dim() != 1:
+        raise KimadError(f"bitmap_positions for {name!r}: the bitmap must be a 1-D uint8 tensor")
+    if not bitmap.is_cpu:
+        raise KimadError(f"bitmap_positions for {name!r}: the bitmap must be on the CPU, got {bitmap.device}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 2**31:
+        raise KimadError(f"bitmap_positions for {name!r}: n must be an int in [0, 2**31], got {n!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise KimadError(f"bitmap_positions for {name!r}: capacity must be an int >= 0, got {capacity!r}")
+    if bitmap.numel() != (n + 7) // 8:
+        raise KimadError(f"bitmap_positions for {name!r}: a bitmap of n={n:,} positions has {(n + 7) // 8:,} "
+                         f"bytes, got {bitmap.numel():,}")
+    out = torch.empty(min(capacity, n), dtype=torch.int32)
+    count = native().bitmap_positions(bitmap.contiguous(), n, out)
+    return (out if count >= out.numel() else out[:count]), count
+
+
 def sparse_sum(
     out: torch.Tensor,
     messages: list[tuple[torch.Tensor, torch.Tensor]],

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimad import CorruptMessageError, KimadError
-from kimad.ops import sparse_accumulate, sparse_sum
+from kimad.ops import bitmap_positions, sparse_accumulate, sparse_sum
 
 
 def reference(out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
@@ -230,3 +230,40 @@ def test_sum_length_mismatch_names_the_message():
 def test_sum_bad_arguments_raise_named_errors(out, messages, match):
     with pytest.raises(KimadError, match=match):
         sparse_sum(out, messages)
+
+
+# -- bitmap_positions: the top-k message's bitmap decode ----------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 700), density=st.sampled_from([0.0, 0.02, 0.3, 1.0]), seed=st.integers(0, 2**16),
+       dirty=st.booleans())
+def test_bitmap_positions_are_the_set_bits_below_n_in_order(n, density, seed, dirty):
+    rng = np.random.default_rng(seed)
+    marked = rng.random(n) < density
+    padded = np.zeros(8 * ((n + 7) // 8), dtype=bool)
+    padded[:n] = marked
+    padded[n:] = dirty  # padding bits past n are not read
+    bitmap = torch.from_numpy(np.packbits(padded, bitorder="little"))
+    expected = np.flatnonzero(marked)
+    positions, count = bitmap_positions(bitmap, n, capacity=n)
+    assert count == len(expected) and positions.dtype == torch.int32
+    assert positions.tolist() == expected.tolist()
+    few, count = bitmap_positions(bitmap, n, capacity=3)  # a short capacity still counts them all
+    assert count == len(expected) and few.tolist() == expected[:3].tolist()
+
+
+@pytest.mark.parametrize("bitmap, n, capacity, match", [
+    (torch.zeros(2, dtype=torch.int32), 16, 1, "1-D uint8"),
+    (torch.zeros(2, 1, dtype=torch.uint8), 16, 1, "1-D uint8"),
+    (torch.zeros(3, dtype=torch.uint8), 16, 1, "has 2 bytes, got 3"),
+    (torch.zeros(2, dtype=torch.uint8), -1, 1, "n must be"),
+    (torch.zeros(2, dtype=torch.uint8), 16, -1, "capacity must be"),
+])
+def test_bitmap_positions_rejects_bad_arguments_by_name(bitmap, n, capacity, match):
+    with pytest.raises(KimadError, match=match):
+        bitmap_positions(bitmap, n, capacity=capacity, name="w")
+
+
+def test_bitmap_positions_reads_a_strided_view():
+    bitmap = torch.tensor([0b101, 0, 0b10, 0], dtype=torch.uint8)[::2]  # bytes 0b101, 0b10 -> 0, 2, 9
+    assert bitmap_positions(bitmap, 16, capacity=4)[0].tolist() == [0, 2, 9]

@@ -92,6 +92,15 @@ def test_a_bitmap_whose_popcount_is_not_k_is_corrupt():
         decode_topk(wire, 10)
 
 
+def test_a_bitmap_marking_more_than_k_positions_is_corrupt():
+    values, indices = message(100, 20)
+    wire = encode_topk(values, indices, 100).clone()
+    free = next(p for p in range(100) if p not in indices.tolist())
+    wire[-(13 - free // 8)] |= 1 << (free % 8)  # one more position than the header's k
+    with pytest.raises(CorruptMessageError, match="marks 21 positions, header says k=20"):
+        decode_topk(wire, 100)
+
+
 @pytest.mark.parametrize("n", [8, 13, 100_003])
 def test_all_positions_sent_round_trips_through_an_all_ones_bitmap(n):
     values, indices = torch.randn(n), torch.arange(n, dtype=torch.int32)

@@ -1,4 +1,4 @@
-// Bindings of decode-and-accumulate (csrc/kernels/*/accumulate.*).
+// Bindings of decode-and-accumulate (csrc/kernels/*/accumulate.*) and of the top-k bitmap decode (bitmap.cpp).
 #include <algorithm>
 #include <limits>
 #include <tuple>
@@ -126,9 +126,29 @@ std::tuple<int64_t, int64_t> sparse_sum(torch::Tensor out, const std::vector<tor
   return {bad.message, bad.position};
 }
 
+// Positions of the set bits below n of a top-k message's bitmap, written to out (at most out.numel() of
+// them); returns how many bits are set below n. CPU only (a CUDA bitmap is decoded by torch ops).
+int64_t bitmap_positions(const torch::Tensor& bitmap, int64_t n, torch::Tensor out) {
+  TORCH_CHECK(n >= 0 && n - 1 <= std::numeric_limits<int32_t>::max(), "bitmap_positions: n must be in [0, 2^31], got ",
+              n);
+  TORCH_CHECK(bitmap.scalar_type() == torch::kUInt8 && bitmap.dim() == 1 && bitmap.is_contiguous(),
+              "bitmap_positions: bitmap must be a contiguous 1-D uint8 tensor, got ", bitmap.scalar_type(), " of ",
+              bitmap.dim(), " dimensions");
+  TORCH_CHECK(bitmap.numel() == (n + 7) / 8, "bitmap_positions: a bitmap of n=", n, " positions has ", (n + 7) / 8,
+              " bytes, got ", bitmap.numel());
+  TORCH_CHECK(out.scalar_type() == torch::kInt32 && out.dim() == 1 && out.is_contiguous(),
+              "bitmap_positions: out must be a contiguous 1-D int32 tensor, got ", out.scalar_type());
+  TORCH_CHECK(bitmap.is_cpu() && out.is_cpu(), "bitmap_positions: bitmap and out must be CPU tensors");
+  return cpu::bitmap_positions(bitmap.data_ptr<uint8_t>(), n, out.data_ptr<int32_t>(), out.numel());
+}
+
 }  // namespace
 
 void bind_accumulate(pybind11::module_& m) {
+  m.def("bitmap_positions", &bitmap_positions, pybind11::arg("bitmap"), pybind11::arg("n"), pybind11::arg("out"),
+        "Positions of the set bits below n of a little-endian bitmap (bit j of byte i = position 8i+j), "
+        "ascending, into int32 out (at most out.numel()); returns the number of set bits below n. CPU tensors.",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("sparse_accumulate", &sparse_accumulate, pybind11::arg("out"), pybind11::arg("values"),
         pybind11::arg("indices"), pybind11::arg("scale"),
         "out[indices[i]] += scale * values[i] (float32 out/values, int32 indices, contiguous). Returns -1, "

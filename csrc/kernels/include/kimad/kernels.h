@@ -62,6 +62,13 @@ InvalidIndex sparse_sum(const SparseMessage* messages, int64_t n, float scale, b
 // checked before anything is written, as for sparse_sum. Deterministic for any number of threads.
 InvalidIndex sparse_add_sum(const SparseMessage* messages, int64_t n, float scale, float* out, int64_t numel);
 
+// Decode of a top-k message's bitmap (kimad/compressors/topk.py): bit j of byte i marks position
+// 8 i + j. Writes the positions of the set bits below n, ascending, to out[0, min(count, capacity))
+// and returns count, the number of set bits below n (exact even when it exceeds capacity, so a
+// caller expecting k positions passes capacity k and compares). Bits at positions >= n (the last
+// byte's padding) are not read. Reads ceil(n / 8) bytes; O(n / 64 + count), single-threaded.
+int64_t bitmap_positions(const uint8_t* bitmap, int64_t n, int32_t* out, int64_t capacity);
+
 // Number of threads the OpenMP kernels use (1 when built without OpenMP).
 int num_threads();
 
