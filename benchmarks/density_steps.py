@@ -40,10 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kimad.bench.train import WORKLOADS, load_workload  # noqa: E402
+from kimad.bench.workloads import CharTransformer, DigitsCNN  # noqa: E402
 from kimad.ops import topk_encode  # noqa: E402
 
 MIN_COMPRESS_NUMEL = 1024  # kimad.control.menu's default: smaller tensors are always sent dense
 TARGETS = {"accuracy": (0.90, 0.95), "val_loss": (2.6, 2.5)}
+MODELS = {"digits-cnn": DigitsCNN, "stdlib-lm": CharTransformer}  # load_workload's models, built without data
 BATCH, LR, MOMENTUM = 32, 0.05, 0.9
 
 
@@ -67,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.plan = [parse_plan(text) for text in args.plan]
     except ValueError as error:
         p.error(str(error))
+    if args.plan:  # named tensors are checked before minutes of training, against the model's (built, no data)
+        torch.manual_seed(0)
+        names = [name for name, _ in MODELS[args.workload]().named_parameters()]
+        for plan in args.plan:
+            if (error := plan_error(plan, names)) is not None:
+                p.error(error)
     for name in ("workers", "seeds", "max_steps", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -88,6 +96,12 @@ def parse_plan(text: str) -> dict[str, float]:
     return plan
 
 
+def plan_error(plan: dict[str, float], names: list[str]) -> str | None:
+    """Why ``plan`` does not fit a model of these tensor ``names`` (it names others), or None."""
+    unknown = sorted(set(plan) - set(names))
+    return f"--plan names tensors the model does not have: {unknown}; it has {names}" if unknown else None
+
+
 def train(workload: str, density: float | dict[str, float], workers: int, seed: int, max_steps: int,
           eval_every: int) -> dict:
     """One simulated run at a uniform ``density`` or a plan ``{tensor name: density}`` (others dense):
@@ -101,11 +115,8 @@ def train(workload: str, density: float | dict[str, float], workers: int, seed: 
     orders = [torch.randperm(len(s), generator=torch.Generator().manual_seed(seed + 1 + rank))
               for rank, s in enumerate(shards)]
     params = list(model.named_parameters())
-    if isinstance(density, dict):
-        unknown = sorted(set(density) - {name for name, _ in params})
-        if unknown:
-            raise SystemExit(f"--plan names tensors the model does not have: {unknown}; it has "
-                             f"{[name for name, _ in params]}")
+    if isinstance(density, dict) and (error := plan_error(density, [name for name, _ in params])) is not None:
+        raise ValueError(error)
     states = [{name: torch.zeros(p.numel()) for name, p in params} for _ in range(workers)]
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     steps: dict[float, int | None] = {t: None for t in targets}

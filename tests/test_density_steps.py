@@ -38,6 +38,13 @@ def test_dense_sends_everything_and_top_k_loses_a_share_of_the_error_feedback_di
     assert set(dense["steps"]) == {0.90, 0.95}
 
 
-def test_a_plan_naming_a_tensor_the_model_lacks_stops_with_its_names(bench):
-    with pytest.raises(SystemExit, match="classifier.1.weight"):
+def test_a_plan_naming_a_tensor_the_model_lacks_is_refused_before_training_with_its_names(bench, capsys):
+    with pytest.raises(SystemExit):  # at parse time: argparse names the model's tensors and exits 2
+        bench.parse_args(["--plan", "classifier.1.weight=0.1,nope.weight=0.1"])
+    err = capsys.readouterr().err
+    assert "['nope.weight']" in err and "classifier.1.weight" in err
+    assert bench.parse_args(["--plan", "classifier.1.weight=0.1"]).plan == [{"classifier.1.weight": 0.1}]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--workload", "stdlib-lm", "--plan", "classifier.1.weight=0.1"])  # not the LM's
+    with pytest.raises(ValueError, match="classifier.1.weight"):  # train() called directly says the same
         bench.train("digits-cnn", {"nope.weight": 0.1}, workers=2, seed=0, max_steps=1, eval_every=1)

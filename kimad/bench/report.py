@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -443,7 +444,7 @@ def _met(met: bool | None) -> str:
     return "n/a" if met is None else ("yes" if met else "NO")
 
 
-def _figure_columns(metric: str, target: float) -> tuple[tuple[str, str, str], object]:
+def _figure_columns(metric: str, target: float) -> tuple[tuple[str, str, str], Callable[[float | None], str]]:
     """The table's names of the time-to-target, time-to-harder-target and final columns, and the final
     figure's formatter."""
     harder = harder_target(metric, target)
