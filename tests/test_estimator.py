@@ -210,7 +210,9 @@ def test_nan_negative_or_unknown_inputs_raise_a_named_error(sample):
 @pytest.mark.parametrize("kwargs", [dict(initial_bandwidth_bps=0), dict(initial_latency_s=-1),
                                     dict(half_life_steps=math.nan),
                                     dict(window=0), dict(outlier_cutoff=-1), dict(max_bandwidth_bps=math.nan),
-                                    dict(change_samples=2), dict(change_sigmas=0), dict(framing=0.5),
+                                    dict(change_samples=2), dict(faster_change_samples=1),
+                                    dict(faster_change_samples=4), dict(faster_change_samples=2.0),
+                                    dict(change_sigmas=0), dict(framing=0.5),
                                     dict(framing=math.nan)])
 def test_bad_settings_raise_a_named_error(kwargs):
     with pytest.raises(EstimatorError):
@@ -291,7 +293,8 @@ def test_a_state_dict_saved_before_change_detection_existed_still_loads():
     a = BandwidthEstimator()
     feed_training(a, np.random.default_rng(12), 10, 1e9)
     old = {k: v for k, v in a.state_dict().items()
-           if k not in ("change_samples", "change_sigmas", "regime_changes", "latency_held_until_step",
+           if k not in ("change_samples", "faster_change_samples", "change_sigmas", "regime_changes",
+                        "latency_held_until_step",
                         "old_regime_latency_s", "old_regime_latency_var")}
     b = BandwidthEstimator()
     b.load_state_dict(old)
@@ -504,3 +507,25 @@ def test_the_fit_stops_iterating_only_where_more_iterations_would_not_move_the_e
     full, full_changes = run()
     assert changes == full_changes == 2
     np.testing.assert_allclose(early, full, rtol=1e-5)
+
+
+def test_a_faster_link_is_believed_on_its_second_faster_step():
+    # One large and one small allgather per step, 20 Mbit/s and then, from step 40, 100 Mbit/s: the default
+    # declares the faster link on the 2nd faster step (stalls never make a collective faster) and reads it
+    # there; asking for 3 faster samples, the estimate is still far off at that step.
+    def estimates(**options):
+        est, rng, out = BandwidthEstimator(**options), np.random.default_rng(23), {}
+        for step in range(44):
+            for nbytes in (60_000, 1_500):
+                seconds = true_seconds("allgather", 4, nbytes, 2e7 if step < 40 else 1e8, 2e-3)
+                est.add("allgather", 4, nbytes, seconds * math.exp(rng.normal(0, 0.05)), step)
+            out[step] = est.estimate().bandwidth_bps
+            if step == 40:  # one faster step: not yet a change
+                assert est.state.regime_changes == 0
+        return out, est.state.regime_changes
+
+    default, changes = estimates()
+    assert changes == 1
+    assert default[41] == pytest.approx(1e8, rel=0.15) and default[43] == pytest.approx(1e8, rel=0.15)
+    three, _ = estimates(faster_change_samples=3)
+    assert three[41] < 0.5e8

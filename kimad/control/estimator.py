@@ -36,10 +36,13 @@ bit. The fit, redone lazily when an estimate is asked for:
    count, its samples broke every run of faster large ones after a speed-up; the others are skipped. Walk
    back from the newest such sample over those whose ``r`` against
    the fit has its sign and exceeds the threshold; the first one that does not ends the run. The run is a
-   new regime if it holds at least ``change_samples`` (>= 3) such samples, older samples precede it and
-   it spans at least ``0.2 * half_life_steps`` steps (1 step at the default 5) when the samples got
-   faster -- nothing but a faster link makes a collective faster -- but more than ``stall_steps`` steps
-   (3: at least 4 steps) when they got slower, so that a burst of stalled steps no longer than that never
+   new regime if older samples precede it and, when the samples got faster, it holds at least
+   ``faster_change_samples`` (>= 2) such samples spanning at least ``0.2 * half_life_steps`` steps (1 step at
+   the default 5) -- nothing but a faster link makes a collective faster, so two are evidence (replay of the
+   Kimad and Kimad+ logs of eight 4-node CNN repeats and three LM comparisons: speed-ups within 15% in <= 5
+   steps 124 -> 138 of 194 against 3 samples)
+   -- but, when they got slower, at least ``change_samples`` (>= 3) spanning more than ``stall_steps`` steps
+   (3: at least 4 steps), so that a burst of stalled steps no longer than that never
    resets the fit (the longest burst in six 2- and 4-node emulated runs, once waiting ranks stopped spinning,
    was 2 steps of samples 1.4x slower than predicted; with spinning ranks, bursts of 4 were seen). It is
    found against the current fit with a 10% threshold, then confirmed against a fit of the samples before
@@ -132,6 +135,7 @@ class EstimatorState:
     max_bandwidth_bps: float = 1e13
     outlier_cutoff: float = 5.0
     change_samples: int = 3
+    faster_change_samples: int = 2
     change_sigmas: float = 4.0
     stall_steps: int = 3
     framing: float = 1.0
@@ -196,7 +200,8 @@ class BandwidthEstimator:
         window: at most this many recent samples are fitted.
         max_bandwidth_bps: a sample implying more bits/s than this is rejected as absurd.
         outlier_cutoff: samples farther than this many robust standard deviations from the fit get weight 0.
-        change_samples: a regime change needs at least this many (>= 3) latest samples off the fit on one side.
+        change_samples: a slower link needs at least this many (>= 3) latest samples off the fit on that side.
+        faster_change_samples: a faster link needs at least this many (>= 2, <= change_samples).
         change_sigmas: ... each farther than this many robust standard deviations (and 10%) from the fit.
         stall_steps: the longest burst of stalled steps to ride out: a run of slow samples is a slower link
             only once it spans more than this many steps (faster samples need no such wait: stalls never
@@ -207,8 +212,8 @@ class BandwidthEstimator:
 
     def __init__(self, *, initial_bandwidth_bps: float = 1e9, initial_latency_s: float = 50e-6,
                  half_life_steps: float = 5.0, window: int = 512, max_bandwidth_bps: float = 1e13,
-                 outlier_cutoff: float = 5.0, change_samples: int = 3, change_sigmas: float = 4.0,
-                 stall_steps: int = 3, framing: float = 1.0) -> None:
+                 outlier_cutoff: float = 5.0, change_samples: int = 3, faster_change_samples: int = 2,
+                 change_sigmas: float = 4.0, stall_steps: int = 3, framing: float = 1.0) -> None:
         if not math.isfinite(float(initial_latency_s)) or initial_latency_s < 0:
             raise EstimatorError(f"initial_latency_s must be a finite number >= 0 seconds, got {initial_latency_s!r}")
         if not isinstance(window, int) or window < 1:
@@ -216,6 +221,10 @@ class BandwidthEstimator:
         if not isinstance(change_samples, int) or isinstance(change_samples, bool) or change_samples < 3:
             raise EstimatorError(f"change_samples must be an int >= 3 samples (fewer lets outliers reset the fit), "
                                  f"got {change_samples!r}")
+        if (not isinstance(faster_change_samples, int) or isinstance(faster_change_samples, bool)
+                or not 2 <= faster_change_samples <= change_samples):
+            raise EstimatorError(f"faster_change_samples must be an int in [2, change_samples={change_samples}] "
+                                 f"samples, got {faster_change_samples!r}")
         if not isinstance(stall_steps, int) or isinstance(stall_steps, bool) or stall_steps < 0:
             raise EstimatorError(f"stall_steps must be an int >= 0 steps, got {stall_steps!r}")
         self.state = EstimatorState(
@@ -226,6 +235,7 @@ class BandwidthEstimator:
             max_bandwidth_bps=_positive("max_bandwidth_bps", max_bandwidth_bps, allow_inf=True),
             outlier_cutoff=_positive("outlier_cutoff", outlier_cutoff),
             change_samples=change_samples,
+            faster_change_samples=faster_change_samples,
             change_sigmas=_positive("change_sigmas", change_sigmas),
             stall_steps=stall_steps,
             framing=check_framing(framing, EstimatorError),
@@ -501,7 +511,8 @@ class BandwidthEstimator:
                 count, start = count + 1, i
             # a slower link must outlast a stall burst; nothing but a faster link makes samples faster
             span = s.stall_steps if side > 0 else _CHANGE_HALF_LIVES * s.half_life_steps
-            if count < s.change_samples or data[-1, 3] - data[start, 3] < span:
+            needed = s.change_samples if side > 0 else s.faster_change_samples
+            if count < needed or data[-1, 3] - data[start, 3] < span:
                 return 0
             return start
 
