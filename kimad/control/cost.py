@@ -110,10 +110,22 @@ class CostModel:
         """Seconds of one ``collective`` moving ``nbytes`` (see :func:`link_bytes` for their meaning)."""
         if not (nbytes >= 0 and math.isfinite(nbytes)):
             raise CostModelError(f"a {collective} moves a finite number >= 0 of bytes, got {nbytes!r}")
-        if self.world_size == 1:
+        _check_collective(collective, self.world_size)
+        return self._ring_time(collective, nbytes, with_latency=True)
+
+    def _ring_time(self, collective: str, nbytes: float, with_latency: bool) -> float:
+        """Seconds of a ring ``collective`` of ``nbytes`` (both already checked): :func:`link_bytes` in wire bits
+        at the bandwidth, plus :func:`latency_terms` latencies when ``with_latency``. Written out, not by calling
+        those two, since the controller prices every option of every tensor with it every step."""
+        n = self.world_size
+        if n == 1:
             return 0.0
-        return (latency_terms(collective, self.world_size) * self.latency_s
-                + 8.0 * self.framing * link_bytes(collective, self.world_size, nbytes) / self.bandwidth_bps)
+        if collective == "allreduce":
+            link, terms = 2.0 * (n - 1) / n * nbytes, 2 * (n - 1)
+        else:
+            link, terms = float(n - 1) * nbytes, n - 1
+        seconds = 8.0 * self.framing * link / self.bandwidth_bps
+        return terms * self.latency_s + seconds if with_latency else seconds
 
     def allreduce(self, total_bytes: float) -> float:
         """Seconds to allreduce a buffer of ``total_bytes`` bytes."""
@@ -142,22 +154,13 @@ class CostModel:
         return self.message_time(fmt, self.option_bytes(fmt, numel, k=k, bits=bits))
 
     def message_time(self, fmt: MessageFormat | str, nbytes: float) -> float:
-        """:meth:`option_time` of a message of ``nbytes`` bytes per rank in format ``fmt``. (The controller prices
-        every option of every tensor with it, every step: it computes directly what :meth:`collective_time`
-        does, without validating the collective again.)"""
+        """:meth:`option_time` of a message of ``nbytes`` bytes per rank in format ``fmt`` (what the controller
+        prices every option with: the message sizes are cached)."""
         if not isinstance(fmt, MessageFormat):
             fmt = MessageFormat(fmt)
         if not (nbytes >= 0 and math.isfinite(nbytes)):
             raise CostModelError(f"a {fmt.value} message has a finite number >= 0 of bytes, got {nbytes!r}")
-        n = self.world_size
-        if n == 1:
-            return 0.0
-        if fmt.collective == "allreduce":
-            link, terms = 2.0 * (n - 1) / n * nbytes, 2 * (n - 1)
-        else:
-            link, terms = float(n - 1) * nbytes, n - 1
-        seconds = 8.0 * self.framing * link / self.bandwidth_bps
-        return seconds if self.batched else terms * self.latency_s + seconds
+        return self._ring_time(fmt.collective, nbytes, with_latency=not self.batched)
 
     def dense_rides(self, nbytes: int) -> bool:
         """Whether ``nbytes`` of dense float32 cost less added to a step's allgather (its bytes only: the
