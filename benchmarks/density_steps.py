@@ -70,7 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     if args.plan:  # named tensors are checked before minutes of training, against the model's (built, no data)
-        torch.manual_seed(0)
         names = [name for name, _ in MODELS[args.workload]().named_parameters()]
         for plan in args.plan:
             if (error := plan_error(plan, names)) is not None:

@@ -1,21 +1,15 @@
 """benchmarks/control_step.py: its profiles, its rows and its arguments (not its timings)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "control_step.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("control_step", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("control_step")
 
 
 def test_profiles_are_the_exact_top_k_errors_of_one_vector_per_parameter(bench):

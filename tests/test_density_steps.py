@@ -1,19 +1,12 @@
 """benchmarks/density_steps.py: the simulated workers' compression and its plan option (not its figures)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "density_steps.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("density_steps", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("density_steps")
 
 
 def test_a_plan_parses_and_bad_ones_are_named_errors(bench):
