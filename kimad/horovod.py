@@ -203,7 +203,8 @@ class Kimad:
             (collectives, this rank's wall time; ``actual_comm_s`` = allgather + allreduce; ``agree_bytes``
             the agree allgather's bytes per rank), ``framing`` (the estimate's), ``dense_route``
             (``"allgather"`` when the dense tensors rode in the allgather, ``"allreduce"``, or ``None``),
-            ``probe`` (whether the plan priced a faster link it had just found at ``probe_factor`` times its
+            ``hedge`` (whether the plan priced a link that had just turned much slower at the rate its slow
+            collective showed), ``probe`` (whether the plan priced a faster link it had just found at ``probe_factor`` times its
             estimate: :class:`kimad.control.Controller`), ``prev_link_comm_s`` (the previous step's allgather + allreduce time on the link: the minimum
             over ranks, without the wait for slower ranks; ``None`` at the first step) and
             ``kimad_step_s`` (all of it).
@@ -556,7 +557,7 @@ class Kimad:
             "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
                                  if "allgather" in link_s else None),
             "prev_link_agree_s": link_s.get("agree"),
-            "dense_route": self._dense_route, "probe": self.controller.probing,
+            "dense_route": self._dense_route, "probe": self.controller.probing, "hedge": self.controller.hedging,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
             "tensors": {e.name: {"option": e.label, "bytes": e.bytes, "predicted_error": e.error,

@@ -288,11 +288,81 @@ def test_a_slower_link_or_probe_factor_1_never_probes():
     assert not off.probing
 
 
+def feed_link(c: Controller, step: int, bps: float) -> None:
+    """One step of a clean link at ``bps`` (latency 100 us): bits-bound allreduces of 100 kB and 1 MB."""
+    for nbytes in (100_000, 1_000_000):
+        c.observe_collective("allreduce", nbytes, 6e-4 + 8 * 1.5 * nbytes / bps, step)
+
+
+def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_declares_it():
+    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    for step in range(30):
+        feed_link(c, step, 1e8)
+        c.plan(profiles(), step=step)
+    fast = c.plan(profiles(), step=30)
+    assert not c.hedging
+    hedged, estimates = [], []
+    for step in range(31, 45):
+        feed_link(c, step, 2e7)
+        before = c.estimator.state.regime_changes
+        plan = c.plan(profiles(), step=step)
+        estimates.append(c.estimate().bandwidth_bps)
+        if c.estimator.state.regime_changes > before:
+            break
+        assert c.hedging, f"step {step}: an undeclared 5x slower link planned at {estimates[-1] / 1e6:.0f} Mbit/s"
+        assert estimates[-1] > 3e7  # the estimator has not followed yet ...
+        hedged.append(plan)
+    assert len(hedged) >= 2  # (change_samples = 3 over more than stall_steps = 3 steps)
+    assert not c.hedging  # ... and once it has, the estimate prices the plan
+    for plan in hedged:  # priced at the slow samples' own rate: the bytes of the budget at 20 Mbit/s, not 100
+        assert plan.total_bytes < 0.35 * fast.total_bytes
+        assert plan.total_time_s <= plan.budget_s
+    slow = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    slow.load_state_dict(c.state_dict())
+    assert hedged[-1].total_bytes == pytest.approx(slow.plan(profiles(), step=step).total_bytes, rel=0.25)
+
+
+def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():
+    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    for step in range(30):
+        feed_link(c, step, 1e8)
+        c.plan(profiles(), step=step)
+    feed_link(c, 30, 1e8 / 3)  # one stall: 3x the bytes' time
+    c.plan(profiles(), step=30)
+    assert c.hedging
+    flags = []
+    for step in range(31, 40):
+        feed_link(c, step, 1e8)
+        c.plan(profiles(), step=step)
+        flags.append(c.hedging)
+    assert not any(flags)
+    assert c.estimate().bandwidth_bps == pytest.approx(1e8, rel=0.05)
+    assert c.estimator.state.regime_changes == 0
+    halved = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    for step in range(30):
+        feed_link(halved, step, 1e8)
+        halved.plan(profiles(), step=step)
+    for step in range(30, 45):  # below the trigger of 2.5x: the estimator alone follows it
+        feed_link(halved, step, 5e7)
+        halved.plan(profiles(), step=step)
+        assert not halved.hedging
+    never = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES, hedge_trigger=math.inf)
+    for step in range(30):
+        feed_link(never, step, 1e8)
+        never.plan(profiles(), step=step)
+    feed_link(never, 30, 2e7)
+    never.plan(profiles(), step=30)
+    assert not never.hedging
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(probe_factor=0.5), "probe_factor"),
                                            (dict(probe_factor=math.nan), "probe_factor"),
                                            (dict(probe_factor=True), "probe_factor"),
                                            (dict(probe_steps=-1), "probe_steps"),
-                                           (dict(probe_steps=1.5), "probe_steps")])
-def test_bad_probe_settings_raise_named_errors(kwargs, match):
+                                           (dict(probe_steps=1.5), "probe_steps"),
+                                           (dict(hedge_trigger=1.0), "hedge_trigger"),
+                                           (dict(hedge_trigger=math.nan), "hedge_trigger"),
+                                           (dict(hedge_trigger="2"), "hedge_trigger")])
+def test_bad_probe_and_hedge_settings_raise_named_errors(kwargs, match):
     with pytest.raises(ControllerError, match=match):
         Controller(world_size=2, **kwargs)

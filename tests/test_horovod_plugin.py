@@ -385,10 +385,10 @@ def test_measured_communication_time_tracks_a_fixed_budget_on_a_shaped_link(tmp_
     r = json.loads(line)
     print(f"\nshaped 50 Mbit/s: budget {r['budget_s'] * 1e3:.1f} ms, estimate {r['bandwidth_bps'] / 1e6:.1f} Mbit/s; "
           f"measured comm within +-25% on {r['within_25pct']:.0%} of steps, median comm/budget "
-          f"{r['median_ratio']:.2f}; probing plans at steps {r['probe_steps']}")
+          f"{r['median_ratio']:.2f}; probing plans at steps {r['probe_steps']}, hedged at {r['hedge_steps']}")
     assert r["median_bytes"] < 0.5 * r["dense_bytes"]
-    assert r["within_25pct"] >= 0.8, (f"comm/budget {r['ratios']}; probing plans at steps {r['probe_steps']}; "
-                                      f"estimate {r['bandwidth_bps'] / 1e6:.1f} Mbit/s")
+    assert r["within_25pct"] >= 0.8, (f"comm/budget {r['ratios']}; probing plans at steps {r['probe_steps']}, "
+                                      f"hedged at {r['hedge_steps']}; estimate {r['bandwidth_bps'] / 1e6:.1f} Mbit/s")
     assert 0.75 <= r["median_ratio"] <= 1.25
     assert r["bandwidth_bps"] == pytest.approx(50e6, rel=0.15)
 

@@ -17,6 +17,16 @@ Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extensi
    4 emulated nodes, square trace 100 <-> 20 Mbit/s, Kimad+ (``e2e --repeats``): within 15% of the new rate
    in <= 5 steps after 14 of 16 speed-ups (worst 8 steps) with probing, 17 of 24 (worst 14) without;
    comm time within 25% of the budget on 84-85% of steps either way.
+   *Hedge:* when the largest informative collective of the last step (at least half its predicted time on
+   bits) took ``hedge_trigger`` times longer than the estimate it was planned with predicted, and the
+   estimator, with that sample, still sees a link more than :data:`HEDGE_MARGIN` times faster than the sample
+   implies, the next plan is priced at the sample's own rate (its bits at the bits-time it took). The
+   estimator needs ``change_samples`` slow samples over more than ``stall_steps`` steps to tell a slower link
+   from a burst of stalls, and until then every plan sized for the old link overruns the budget by the
+   slow-down (5x on a 100 -> 20 Mbit/s step); a plan priced low by mistake costs one step of fewer entries,
+   which error feedback carries to the next. Stalls are rarely that slow: in the recorded 4-node runs (CNN
+   and LM, square trace 100 <-> 20 Mbit/s) link times over 2.5x the prediction came from step-downs only
+   (84 of 84 such samples), over 2x also from 7 stalls in 1,464 steps.
 4. **Allocate** -- ``"uniform"`` (Kimad: one compression level for all tensors, the least
    aggressive that fits), ``"layerwise"`` (Kimad+: multiple-choice knapsack minimising the sum of
    squared errors under the budget, exact DP over ``bins`` cost bins, or the convex-hull
@@ -44,13 +54,15 @@ from kimad.compressors.wire import MessageFormat
 from kimad.control.allocate import Allocation, allocate_lagrangian, allocate_layerwise, allocate_uniform
 from kimad.control.budget import AutoBudget, FixedBudget
 from kimad.control.cost import CostModel
-from kimad.control.estimator import BandwidthEstimate, BandwidthEstimator
+from kimad.control.estimator import INFORMATIVE_SHARE, BandwidthEstimate, BandwidthEstimator
 from kimad.control.menu import Option, build_menu, geometric_densities
 from kimad.control.plan import Plan
 from kimad.errors import KimadError
 
 ALLOCATORS = ("layerwise", "uniform", "lagrangian", "static")
 PROBE_TRIGGER = 1.5  # a regime change lifting the estimate by more than this starts a probe (see the docstring)
+_MAX_FRESH = 64  # samples kept for the hedge between two plans (a step has 2-3)
+HEDGE_MARGIN = 1.5  # a hedge needs the estimate still this many times above the slow sample's rate (docstring)
 
 
 class ControllerError(KimadError, ValueError):
@@ -103,13 +115,16 @@ class Controller:
             (>= 1; 1: never probe) ...
         probe_steps: ... for this many plans (>= 0); see step 3 of the module docstring. :attr:`probing`
             says whether the last plan probed.
+        hedge_trigger: a collective this many times slower than predicted (> 1; ``math.inf``: never) prices the
+            next plan at its own rate until the estimator decides (step 3 of the module docstring);
+            :attr:`hedging` says whether the last plan did.
     """
 
     def __init__(self, *, world_size: int, budget: float | str | FixedBudget | AutoBudget = "auto",
                  allocator: str = "layerwise", compressors: Sequence[str] = ("topk",),
                  densities: Sequence[float] | None = None, min_compress_numel: int = 1024, bins: int = 1000,
                  estimator: BandwidthEstimator | None = None, batched: bool = False, fill: bool = False,
-                 probe_factor: float = 2.0, probe_steps: int = 2) -> None:
+                 probe_factor: float = 2.0, probe_steps: int = 2, hedge_trigger: float = 2.5) -> None:
         if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ControllerError(f"world_size must be an int >= 1, got {world_size!r}")
         if allocator not in ALLOCATORS:
@@ -121,6 +136,9 @@ class Controller:
             raise ControllerError(f"probe_factor must be a finite number >= 1, got {probe_factor!r}")
         if not isinstance(probe_steps, int) or isinstance(probe_steps, bool) or probe_steps < 0:
             raise ControllerError(f"probe_steps must be an int >= 0, got {probe_steps!r}")
+        if isinstance(hedge_trigger, bool) or not isinstance(hedge_trigger, (int, float)) \
+                or math.isnan(hedge_trigger) or hedge_trigger <= 1:
+            raise ControllerError(f"hedge_trigger must be a number > 1 (math.inf: never hedge), got {hedge_trigger!r}")
         if allocator == "static" and ("topk" not in tuple(compressors) or densities is None
                                       or len(tuple(densities)) != 1):
             raise ControllerError("allocator 'static' needs compressors including 'topk' and exactly one density, "
@@ -138,11 +156,19 @@ class Controller:
         self.probe_factor, self.probe_steps = float(probe_factor), probe_steps
         self.probing = False
         self._seen_changes, self._last_bandwidth, self._probe_until = 0, math.inf, -1
+        self.hedge_trigger = float(hedge_trigger)
+        self.hedging = False
+        self._planned_estimate: BandwidthEstimate | None = None  # the estimator's, at the last plan
+        self._fresh: list[tuple[str, int, float]] = []  # (kind, bytes per rank, seconds) since the last plan
 
     # -- measurements --------------------------------------------------------------------------
     def observe_collective(self, kind: str, bytes_per_rank: int, seconds: float, step: int) -> bool:
         """Feed one timed collective to the estimator; returns whether the sample was accepted."""
-        return self.estimator.add(kind, self.world_size, bytes_per_rank, seconds, step)
+        accepted = self.estimator.add(kind, self.world_size, bytes_per_rank, seconds, step)
+        if accepted and self._planned_estimate is not None:
+            self._fresh.append((kind, bytes_per_rank, seconds))
+            del self._fresh[:-_MAX_FRESH]
+        return accepted
 
     def observe_compute(self, seconds: float) -> None:
         """Record the step's measured compute time, seconds (drives an ``"auto"`` budget)."""
@@ -189,15 +215,42 @@ class Controller:
         return plan
 
     def _planning_estimate(self, step: int) -> BandwidthEstimate:
-        """The estimate ``plan`` prices with: the estimator's, or while probing (step 3 of the module docstring)
-        the same with ``probe_factor`` times its bandwidth. Sets :attr:`probing`."""
+        """The estimate ``plan`` prices with (step 3 of the module docstring): the estimator's; while hedging,
+        the same at the slow sample's rate; else while probing, with ``probe_factor`` times its bandwidth. Sets
+        :attr:`probing` and :attr:`hedging`."""
         est = self.estimate()
         changes = self.estimator.state.regime_changes
         if changes > self._seen_changes and est.bandwidth_bps > PROBE_TRIGGER * self._last_bandwidth:
             self._probe_until = step + self.probe_steps - 1
         self._seen_changes, self._last_bandwidth = changes, est.bandwidth_bps
-        self.probing = step <= self._probe_until and self.probe_factor > 1
+        hedge_bps = self._hedge_bandwidth(est)
+        self._planned_estimate, self._fresh = est, []
+        self.hedging = hedge_bps is not None
+        self.probing = not self.hedging and step <= self._probe_until and self.probe_factor > 1
+        if self.hedging:
+            return dataclasses.replace(est, bandwidth_bps=hedge_bps)
         return dataclasses.replace(est, bandwidth_bps=self.probe_factor * est.bandwidth_bps) if self.probing else est
+
+    def _hedge_bandwidth(self, est: BandwidthEstimate) -> float | None:
+        """The rate of the largest informative collective since the last plan if it ran ``hedge_trigger`` times
+        slower than that plan's estimate predicted and ``est`` (which includes it) is still over
+        :data:`HEDGE_MARGIN` times faster; else None (the hedge of step 3 of the module docstring)."""
+        if self._planned_estimate is None or not self._fresh or math.isinf(self.hedge_trigger):
+            return None
+        before = CostModel.from_estimate(self._planned_estimate, self.world_size)
+        largest = None  # (link bits-time predicted, latency predicted, seconds)
+        for kind, nbytes, seconds in self._fresh:
+            total = before.collective_time(kind, nbytes)
+            bits_s = total - before.collective_time(kind, 0)
+            if bits_s >= INFORMATIVE_SHARE * total > 0 and (largest is None or bits_s > largest[0]):
+                largest = (bits_s, total - bits_s, seconds)
+        if largest is None:
+            return None
+        bits_s, latency_s, seconds = largest
+        if seconds < self.hedge_trigger * (bits_s + latency_s):
+            return None
+        rate = before.bandwidth_bps * bits_s / (seconds - latency_s)
+        return rate if est.bandwidth_bps > HEDGE_MARGIN * rate else None
 
     def _allocate(self, menus: Sequence[tuple[str, Sequence[Option]]], budget_s: float) -> Allocation:
         costs = [np.array([o.time_s for o in opts], dtype=np.float64) for _, opts in menus]

@@ -87,7 +87,7 @@ _MIN_CHANGE = math.log(1.1)  # a regime change moves the link by more than 10%, 
 _MAX_CHANGE = math.log(2.0)
 _CHANGE_HALF_LIVES = 0.2  # ... and lasts at least this many half-lives (1 step at the default 5)
 _HOLD_HALF_LIVES = 2.0  # after a regime change the old latency is held this many half-lives (few new samples)
-_MUTE_SHARE = 0.5  # a sample spending less of its time on bits than this cannot tell a bandwidth change apart
+INFORMATIVE_SHARE = 0.5  # a sample spending less of its time on bits than this cannot tell a bandwidth change apart
 _FAST_PENALTY = 2.0  # choosing a fit, a sample faster than it counts this much more than one as much slower
 _CHOICE_MEMORY = 2.0  # ... weighed with this many times the half-life: a stall burst must not outvote the link
 _SCALE_MEMORY = 3.0  # the noise scale is a property of the machine: read it over this many half-lives
@@ -501,7 +501,7 @@ class BandwidthEstimator:
             latency, seconds_per_bit = fit[0], fit[1]
             bits_time, predicted = seconds_per_bit * data[:, 1], latency * data[:, 0] + seconds_per_bit * data[:, 1]
             r = np.log(data[:, 2] / np.maximum(predicted, 1e-300))
-            informative = np.flatnonzero((bits_time >= _MUTE_SHARE * predicted) & largest)
+            informative = np.flatnonzero((bits_time >= INFORMATIVE_SHARE * predicted) & largest)
             if len(informative) == 0:
                 return 0
             side, count, start = np.sign(r[informative[-1]]), 0, len(r)  # the newest sample that can see the link

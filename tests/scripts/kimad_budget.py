@@ -63,7 +63,7 @@ def main() -> int:
     opt = kimad.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                              named_parameters=model.named_parameters(), budget_s=budget,
                                              allocator="layerwise", compressors=("topk",), error_feedback="ef21")
-    ratios, nbytes, predicted, probes = [], [], [], []
+    ratios, nbytes, predicted, probes, hedges = [], [], [], [], []
     for step in range(args.warmup + args.steps):
         g = torch.Generator().manual_seed(100 * step + rank)
         x, y = torch.randn(32, width, generator=g), torch.randint(0, 10, (32,), generator=g)
@@ -77,6 +77,7 @@ def main() -> int:
             nbytes.append(m["actual_bytes"])
             predicted.append(None if m["over_budget"] else m["predicted_comm_s"] / budget)
         probes += [step] if m["probe"] else []
+        hedges += [step] if m["hedge"] else []
     within = sum(0.75 <= r <= 1.25 for r in ratios) / len(ratios)
     result = {"rank": rank, "ranks": hvd.size(), "parameters": numel, "dense_allreduce_s": dense_s,
               "dense_spread": spread, "budget_s": budget, "within_25pct": within,
@@ -84,7 +85,7 @@ def main() -> int:
               "predicted_ratios": [None if r is None else round(r, 4) for r in predicted],
               "median_bytes": statistics.median(nbytes), "dense_bytes": 4 * numel,
               "bandwidth_bps": opt.kimad.metrics["bandwidth_bps"],
-              "latency_s": opt.kimad.metrics["latency_s"], "probe_steps": probes}
+              "latency_s": opt.kimad.metrics["latency_s"], "probe_steps": probes, "hedge_steps": hedges}
     if rank == 0:
         print("kimad budget: " + json.dumps(result), flush=True)
     hvd.shutdown()
