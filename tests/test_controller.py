@@ -218,12 +218,15 @@ def test_fill_leaves_over_budget_and_static_plans_alone():
     assert {e.label for e in static.plan(one_density, step=0).entries} == {"topk0.01", "dense32"}
 
 
-def link_change(c: Controller, before_bps: float, after_bps: float, steps: int = 30) -> int:
-    """Feed ``steps`` steps of a clean link at ``before_bps`` then at ``after_bps`` (bits-bound messages), planning
-    every step after the change until the estimator declares it; returns the step it did."""
+def link_change(c: Controller, before_bps: float, after_bps: float, steps: int = 30,
+                sizes: tuple[int, ...] = (10_000, 100_000), latency_s: float = 1e-3) -> int:
+    """Feed ``steps`` steps of a clean link at ``before_bps`` then at ``after_bps`` (allreduces of ``sizes`` bytes,
+    ``latency_s`` per latency term: by default the largest spends 2/3 of its time on bits at 100 Mbit/s, too
+    little to show a new rate without a probe), planning every step after the change until the estimator
+    declares it; returns the step it did."""
     def feed(step: int, bps: float) -> None:
-        for nbytes in (100_000, 1_000_000):
-            c.observe_collective("allreduce", nbytes, 6e-4 + 8 * 1.5 * nbytes / bps, step)
+        for nbytes in sizes:
+            c.observe_collective("allreduce", nbytes, 6 * latency_s + 8 * 1.5 * nbytes / bps, step)
 
     for step in range(steps):
         feed(step, before_bps)
@@ -239,9 +242,9 @@ def link_change(c: Controller, before_bps: float, after_bps: float, steps: int =
 
 
 def test_after_the_link_turns_faster_two_plans_probe_at_twice_the_estimate():
-    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    c = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
     step = link_change(c, 2e7, 1e8)
-    ref = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES, probe_factor=1)
+    ref = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES, probe_factor=1)
     ref.load_state_dict(c.state_dict())  # the same estimate, never probing
     est = c.estimate()
     probed, flags = [], []
@@ -257,12 +260,19 @@ def test_after_the_link_turns_faster_two_plans_probe_at_twice_the_estimate():
     assert c.estimate().bandwidth_bps == est.bandwidth_bps  # probing prices plans; the estimate is untouched
 
 
+def test_a_faster_link_whose_messages_already_show_it_is_not_probed():
+    c = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
+    step = link_change(c, 2e7, 1e8, sizes=(100_000, 1_000_000), latency_s=1e-4)  # bits: 99% of 120 ms at 100 Mbit/s
+    c.plan(profiles(), step=step)
+    assert not c.probing and c.estimate().bandwidth_bps == pytest.approx(1e8, rel=0.15)
+
+
 def test_a_checkpoint_taken_during_a_probe_resumes_it_and_an_old_one_starts_none():
-    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    c = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
     step = link_change(c, 2e7, 1e8)
     c.plan(profiles(), step=step)
     assert c.probing
-    resumed = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    resumed = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
     resumed.load_state_dict(c.state_dict())
     flags = []
     for i in (1, 2):
@@ -270,19 +280,19 @@ def test_a_checkpoint_taken_during_a_probe_resumes_it_and_an_old_one_starts_none
         flags.append(resumed.probing)
     assert flags == [True, False]  # the second of the two probing plans, then none
     old = {"estimator": c.state_dict()["estimator"]}  # a checkpoint from before the probe existed
-    from_old = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    from_old = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
     from_old.load_state_dict(old)
     from_old.plan(profiles(), step=step + 1)
     assert not from_old.probing
 
 
 def test_a_slower_link_or_probe_factor_1_never_probes():
-    slower = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    slower = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
     step = link_change(slower, 1e8, 2e7)
     for i in range(3):
         slower.plan(profiles(), step=step + i)
         assert not slower.probing
-    off = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES, probe_factor=1)
+    off = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES, probe_factor=1)
     step = link_change(off, 2e7, 1e8)
     off.plan(profiles(), step=step)
     assert not off.probing
@@ -320,6 +330,42 @@ def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_
     slow = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
     slow.load_state_dict(c.state_dict())
     assert hedged[-1].total_bytes == pytest.approx(slow.plan(profiles(), step=step).total_bytes, rel=0.25)
+
+
+def closed_loop(hedge_trigger: float, steps: int = 40, change: int = 20) -> tuple[list[bool], list[float], int]:
+    """Kimad's loop on a simulated 4-rank link (1.5 ms latency per ring step, 100 then 20 Mbit/s from ``change``):
+    each step's sample is its own plan's allgather, learnt before the next plan. A 15 ms budget leaves 10.5 ms
+    for bits, so a message sized for 20 Mbit/s would take 2.1 ms of bits at 100: to the old fit it looks
+    latency-bound. Returns the hedge flags and the measured-over-budget ratios after the change, and the step
+    at which the estimator declared the slower link."""
+    c = Controller(world_size=4, budget=0.015, allocator="layerwise", densities=DENSITIES, batched=True,
+                   hedge_trigger=hedge_trigger)
+    flags, ratios, declared = [], [], None
+    for step in range(steps):
+        plan = c.plan(profiles(), step=step)
+        bps = 1e8 if step < change else 2e7
+        seconds = 4.5e-3 + 8 * 3 * plan.total_bytes / bps
+        if step >= change:
+            flags.append(c.hedging)
+            ratios.append(seconds / plan.budget_s)
+        c.observe_collective("allgather", plan.total_bytes, seconds, step)
+        c.observe_collective("allgather", 504, 4.5e-3 + 8 * 3 * 504 / bps, step)  # the agree: latency-bound
+        if declared is None and c.estimator.state.regime_changes:
+            declared = step
+    return flags, ratios, declared
+
+
+def test_hedged_plans_are_small_yet_the_estimator_declares_the_slower_link_as_soon_as_without_them():
+    flags, ratios, declared = closed_loop(2.5)
+    plain_flags, plain_ratios, plain_declared = closed_loop(math.inf)
+    assert declared == plain_declared
+    first = flags.index(True)
+    assert first == 1  # the step in flight at the change cannot be hedged; the next one is
+    hedged = slice(first, declared - 20)  # (the plan of step `declared` already priced the declared change)
+    assert flags[hedged] == [True] * (declared - 21) and not any(flags[declared - 20:])
+    # the hedged plans fit the 20 Mbit/s link; without the hedge they overran by the slow-down
+    assert max(ratios[hedged]) < 1.5 and min(plain_ratios[hedged]) > 4
+    assert not any(plain_flags)
 
 
 def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():

@@ -16,17 +16,21 @@ Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extensi
    estimate climbs only as fast as the messages grow; probing sends messages that do show it. Measured on
    4 emulated nodes, square trace 100 <-> 20 Mbit/s, Kimad+ (``e2e --repeats``): within 15% of the new rate
    in <= 5 steps after 14 of 16 speed-ups (worst 8 steps) with probing, 17 of 24 (worst 14) without;
-   comm time within 25% of the budget on 84-85% of steps either way.
-   *Hedge:* when the largest informative collective of the last step (at least half its predicted time on
-   bits) took ``hedge_trigger`` times longer than the estimate it was planned with predicted, and the
-   estimator, with that sample, still sees a link more than :data:`HEDGE_MARGIN` times faster than the sample
-   implies, the next plan is priced at the sample's own rate (its bits at the bits-time it took). The
-   estimator needs ``change_samples`` slow samples over more than ``stall_steps`` steps to tell a slower link
-   from a burst of stalls, and until then every plan sized for the old link overruns the budget by the
-   slow-down (5x on a 100 -> 20 Mbit/s step); a plan priced low by mistake costs one step of fewer entries,
-   which error feedback carries to the next. Stalls are rarely that slow: in the recorded 4-node runs (CNN
-   and LM, square trace 100 <-> 20 Mbit/s) link times over 2.5x the prediction came from step-downs only
-   (84 of 84 such samples), over 2x also from 7 stalls in 1,464 steps.
+   comm time within 25% of the budget on 84-85% of steps either way. No probe starts when the largest new
+   sample, priced at the new estimate, already spends :data:`PROBE_BITS_SHARE` of its time on bits (the LM's
+   ~70 kB messages at 4 ranks: ~0.9; the CNN's 12 kB: ~0.55): its messages show the rate without one, and
+   a probe only overruns the budget (by 1.6-1.9x in the LM's comparisons).
+   *Hedge:* when the last step's collective with the most bits is informative
+   (:func:`~kimad.control.estimator.bits_share`) and took ``hedge_trigger`` times longer than the estimate of
+   the last plan predicted, while the estimator, with that sample, still sees a link more than
+   :data:`HEDGE_MARGIN` times faster than the sample implies, the next plan is priced at the sample's own rate
+   (its bits over the time it took beyond the latency). The estimator needs ``change_samples`` slow samples
+   over more than ``stall_steps`` steps to tell a slower link from a burst of stalls, and until then every
+   plan sized for the old link overruns the budget by the slow-down (5x on a 100 -> 20 Mbit/s step); a plan
+   priced low by mistake costs one step of fewer entries, which error feedback carries to the next. Stalls
+   are rarely that slow: replaying the link times of six 4-node CNN repeats and one LM comparison (square
+   trace 100 <-> 20 Mbit/s), 2-3 plans per step-down were hedged, at 0.77-1.12x the shaped rate, and 3 plans
+   in ~6,800 CNN steps on a steady link.
 4. **Allocate** -- ``"uniform"`` (Kimad: one compression level for all tensors, the least
    aggressive that fits), ``"layerwise"`` (Kimad+: multiple-choice knapsack minimising the sum of
    squared errors under the budget, exact DP over ``bins`` cost bins, or the convex-hull
@@ -54,13 +58,14 @@ from kimad.compressors.wire import MessageFormat
 from kimad.control.allocate import Allocation, allocate_lagrangian, allocate_layerwise, allocate_uniform
 from kimad.control.budget import AutoBudget, FixedBudget
 from kimad.control.cost import CostModel
-from kimad.control.estimator import INFORMATIVE_SHARE, BandwidthEstimate, BandwidthEstimator
+from kimad.control.estimator import INFORMATIVE_SHARE, BandwidthEstimate, BandwidthEstimator, bits_share
 from kimad.control.menu import Option, build_menu, geometric_densities
 from kimad.control.plan import Plan
 from kimad.errors import KimadError
 
 ALLOCATORS = ("layerwise", "uniform", "lagrangian", "static")
 PROBE_TRIGGER = 1.5  # a regime change lifting the estimate by more than this starts a probe (see the docstring)
+PROBE_BITS_SHARE = 0.8  # ... unless the largest new sample already spent this share of its time on bits
 _MAX_FRESH = 64  # samples kept for the hedge between two plans (a step has 2-3)
 HEDGE_MARGIN = 1.5  # a hedge needs the estimate still this many times above the slow sample's rate (docstring)
 
@@ -220,7 +225,8 @@ class Controller:
         :attr:`probing` and :attr:`hedging`."""
         est = self.estimate()
         changes = self.estimator.state.regime_changes
-        if changes > self._seen_changes and est.bandwidth_bps > PROBE_TRIGGER * self._last_bandwidth:
+        if (changes > self._seen_changes and est.bandwidth_bps > PROBE_TRIGGER * self._last_bandwidth
+                and self._weak_evidence(est)):
             self._probe_until = step + self.probe_steps - 1
         self._seen_changes, self._last_bandwidth = changes, est.bandwidth_bps
         hedge_bps = self._hedge_bandwidth(est)
@@ -231,23 +237,29 @@ class Controller:
             return dataclasses.replace(est, bandwidth_bps=hedge_bps)
         return dataclasses.replace(est, bandwidth_bps=self.probe_factor * est.bandwidth_bps) if self.probing else est
 
+    def _weak_evidence(self, est: BandwidthEstimate) -> bool:
+        """Whether the collective with the most bits since the last plan, priced at ``est``, spends less than
+        :data:`PROBE_BITS_SHARE` of its time on bits (or there is none): messages that latency and scheduling
+        jitter drown need a probe to show the new rate, larger ones show it anyway."""
+        if not self._fresh:
+            return True
+        model = CostModel.from_estimate(est, self.world_size)
+        bits_s, latency_s = max((model.collective_time(kind, nbytes) - model.collective_time(kind, 0),
+                                 model.collective_time(kind, 0)) for kind, nbytes, _ in self._fresh)
+        return bits_s < PROBE_BITS_SHARE * (bits_s + latency_s)
+
     def _hedge_bandwidth(self, est: BandwidthEstimate) -> float | None:
-        """The rate of the largest informative collective since the last plan if it ran ``hedge_trigger`` times
-        slower than that plan's estimate predicted and ``est`` (which includes it) is still over
-        :data:`HEDGE_MARGIN` times faster; else None (the hedge of step 3 of the module docstring)."""
+        """The rate of the collective with the most bits since the last plan if it is informative (``bits_share``),
+        ran ``hedge_trigger`` times slower than that plan's estimate predicted, and ``est`` (which includes it) is
+        still over :data:`HEDGE_MARGIN` times faster; else None (the hedge of step 3 of the module docstring)."""
         if self._planned_estimate is None or not self._fresh or math.isinf(self.hedge_trigger):
             return None
         before = CostModel.from_estimate(self._planned_estimate, self.world_size)
-        largest = None  # (link bits-time predicted, latency predicted, seconds)
-        for kind, nbytes, seconds in self._fresh:
-            total = before.collective_time(kind, nbytes)
-            bits_s = total - before.collective_time(kind, 0)
-            if bits_s >= INFORMATIVE_SHARE * total > 0 and (largest is None or bits_s > largest[0]):
-                largest = (bits_s, total - bits_s, seconds)
-        if largest is None:
-            return None
-        bits_s, latency_s, seconds = largest
-        if seconds < self.hedge_trigger * (bits_s + latency_s):
+        # the collective with the most bits (then the slowest): (bits-time, latency, measured), seconds
+        bits_s, latency_s, seconds = max((before.collective_time(kind, nbytes) - before.collective_time(kind, 0),
+                                          before.collective_time(kind, 0), s) for kind, nbytes, s in self._fresh)
+        if bits_s <= 0 or bits_share(latency_s, latency_s + bits_s, seconds) < INFORMATIVE_SHARE \
+                or seconds < self.hedge_trigger * (latency_s + bits_s):
             return None
         rate = before.bandwidth_bps * bits_s / (seconds - latency_s)
         return rate if est.bandwidth_bps > HEDGE_MARGIN * rate else None

@@ -30,8 +30,10 @@ bit. The fit, redone lazily when an estimate is asked for:
 4. If the samples do not separate ``alpha`` from ``beta`` (all of about one size, so ``X / T`` is the
    same everywhere), or the joint fit is unphysical (``alpha < 0`` or ``beta <= 0``), keep the last
    identified latency (initially the prior) and fit ``beta`` alone; failing that, ``alpha = 0``.
-5. Regime change. Only samples that spend at least half their predicted time on bits can see a bandwidth
-   change, and of a step's samples only its largest (most bits) is used: a step's small collective
+5. Regime change. Only samples that spend at least half their time on bits (:func:`bits_share`: beyond the
+   fit's latency, of the predicted time or, if longer, the measured one) can see a bandwidth change -- a
+   message sized for a 5x slower link looks half latency-bound to the old fit, but its 3x slower duration
+   is bits --, and of a step's samples only its largest (most bits) is used: a step's small collective
    (Kimad's agree allgather) carries milliseconds of scheduling jitter, and on a slow link, where its bits
    count, its samples broke every run of faster large ones after a speed-up; the others are skipped. Walk
    back from the newest such sample over those whose ``r`` against
@@ -155,6 +157,15 @@ class EstimatorState:
     effective_samples: float = 0.0
     latency_identified: bool = False
     fitted: bool = True
+
+
+def bits_share(latency_s, predicted_s, measured_s):
+    """Share of a collective's duration that its latency does not explain: ``1 - latency_s / d`` with ``d`` the
+    longer of its predicted and measured durations (a sample slower than the fit spent the extra time on bits,
+    or in a stall). Samples under :data:`INFORMATIVE_SHARE` cannot tell a bandwidth change apart. Floats or
+    numpy arrays, seconds (``latency_s``: the fit's latency times the collective's latency terms)."""
+    duration = np.maximum(np.maximum(measured_s, predicted_s), 1e-300)
+    return 1.0 - latency_s / duration
 
 
 def _positive(name: str, value: float, allow_inf: bool = False) -> float:
@@ -499,9 +510,10 @@ class BandwidthEstimator:
             # walk back over the samples off the fit by more than threshold on the last one's side; samples
             # mostly spent on latency may sit in the run (they cannot see a bandwidth change), any other ends it
             latency, seconds_per_bit = fit[0], fit[1]
-            bits_time, predicted = seconds_per_bit * data[:, 1], latency * data[:, 0] + seconds_per_bit * data[:, 1]
+            predicted = latency * data[:, 0] + seconds_per_bit * data[:, 1]
             r = np.log(data[:, 2] / np.maximum(predicted, 1e-300))
-            informative = np.flatnonzero((bits_time >= INFORMATIVE_SHARE * predicted) & largest)
+            shares = bits_share(latency * data[:, 0], predicted, data[:, 2])
+            informative = np.flatnonzero((shares >= INFORMATIVE_SHARE) & largest)
             if len(informative) == 0:
                 return 0
             side, count, start = np.sign(r[informative[-1]]), 0, len(r)  # the newest sample that can see the link
