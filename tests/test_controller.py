@@ -332,8 +332,9 @@ def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_
     assert hedged[-1].total_bytes == pytest.approx(slow.plan(profiles(), step=step).total_bytes, rel=0.25)
 
 
-def closed_loop(hedge_trigger: float, steps: int = 40, change: int = 20) -> tuple[list[bool], list[float], int]:
-    """Kimad's loop on a simulated 4-rank link (1.5 ms latency per ring step, 100 then 20 Mbit/s from ``change``):
+def closed_loop(hedge_trigger: float, steps: int = 40, change: int = 20,
+                after_bps: float = 2e7) -> tuple[list[bool], list[float], int]:
+    """Kimad's loop on a simulated 4-rank link (1.5 ms latency per ring step, 100 then ``after_bps`` from ``change``):
     each step's sample is its own plan's allgather, learnt before the next plan. A 15 ms budget leaves 10.5 ms
     for bits, so a message sized for 20 Mbit/s would take 2.1 ms of bits at 100: to the old fit it looks
     latency-bound. Returns the hedge flags and the measured-over-budget ratios after the change, and the step
@@ -343,7 +344,7 @@ def closed_loop(hedge_trigger: float, steps: int = 40, change: int = 20) -> tupl
     flags, ratios, declared = [], [], None
     for step in range(steps):
         plan = c.plan(profiles(), step=step)
-        bps = 1e8 if step < change else 2e7
+        bps = 1e8 if step < change else after_bps
         seconds = 4.5e-3 + 8 * 3 * plan.total_bytes / bps
         if step >= change:
             flags.append(c.hedging)
@@ -366,6 +367,16 @@ def test_hedged_plans_are_small_yet_the_estimator_declares_the_slower_link_as_so
     # the hedged plans fit the 20 Mbit/s link; without the hedge they overran by the slow-down
     assert max(ratios[hedged]) < 1.5 and min(plain_ratios[hedged]) > 4
     assert not any(plain_flags)
+
+
+def test_a_hedge_holds_while_its_small_messages_are_slow_though_under_the_trigger():
+    # 4x slower: the first sample is 3.1x its prediction; the hedged plans' messages, sized for 25 Mbit/s, take
+    # 2.1 ms of bits at 100 and 4.5 ms of latency, so they run only 2.1x slower than the old fit predicts
+    flags, ratios, declared = closed_loop(2.5, after_bps=2.5e7)
+    _, plain_ratios, plain_declared = closed_loop(math.inf, after_bps=2.5e7)
+    assert declared == plain_declared
+    assert flags[1: declared - 20] == [True] * (declared - 21) and not any(flags[declared - 20:])
+    assert max(ratios[1: declared - 20]) < 1.5 and min(plain_ratios[1: declared - 20]) > 3
 
 
 def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():

@@ -24,7 +24,8 @@ Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extensi
    (:func:`~kimad.control.estimator.bits_share`) and took ``hedge_trigger`` times longer than the estimate of
    the last plan predicted, while the estimator, with that sample, still sees a link more than
    :data:`HEDGE_MARGIN` times faster than the sample implies, the next plan is priced at the sample's own rate
-   (its bits over the time it took beyond the latency). The estimator needs ``change_samples`` slow samples
+   (its bits over the time it took beyond the latency), and so is every following plan whose last sample
+   still implies a link that much slower than the estimate. The estimator needs ``change_samples`` slow samples
    over more than ``stall_steps`` steps to tell a slower link from a burst of stalls, and until then every
    plan sized for the old link overruns the budget by the slow-down (5x on a 100 -> 20 Mbit/s step); a plan
    priced low by mistake costs one step of fewer entries, which error feedback carries to the next. Stalls
@@ -250,16 +251,21 @@ class Controller:
 
     def _hedge_bandwidth(self, est: BandwidthEstimate) -> float | None:
         """The rate of the collective with the most bits since the last plan if it is informative (``bits_share``),
-        ran ``hedge_trigger`` times slower than that plan's estimate predicted, and ``est`` (which includes it) is
-        still over :data:`HEDGE_MARGIN` times faster; else None (the hedge of step 3 of the module docstring)."""
+        ran ``hedge_trigger`` times slower than that plan's estimate predicted (or the last plan hedged), and
+        ``est`` (which includes it) is still over :data:`HEDGE_MARGIN` times faster; else None (the hedge of step
+        3 of the module docstring)."""
         if self._planned_estimate is None or not self._fresh or math.isinf(self.hedge_trigger):
             return None
         before = CostModel.from_estimate(self._planned_estimate, self.world_size)
         # the collective with the most bits (then the slowest): (bits-time, latency, measured), seconds
         bits_s, latency_s, seconds = max((before.collective_time(kind, nbytes) - before.collective_time(kind, 0),
                                           before.collective_time(kind, 0), s) for kind, nbytes, s in self._fresh)
-        if bits_s <= 0 or bits_share(latency_s, latency_s + bits_s, seconds) < INFORMATIVE_SHARE \
-                or seconds < self.hedge_trigger * (latency_s + bits_s):
+        if bits_s <= 0 or bits_share(latency_s, latency_s + bits_s, seconds) < INFORMATIVE_SHARE:
+            return None
+        # A hedge starts on a sample hedge_trigger times slower than predicted; once running, it holds while the
+        # samples stay slow (a hedged plan's small message is latency-heavy: 5x slower bits may make it only
+        # 2-3x slower in all), and ends when one is fast again (a stall) or the estimator has followed.
+        if not self.hedging and seconds < self.hedge_trigger * (latency_s + bits_s):
             return None
         rate = before.bandwidth_bps * bits_s / (seconds - latency_s)
         return rate if est.bandwidth_bps > HEDGE_MARGIN * rate else None
@@ -297,7 +303,8 @@ class Controller:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (one without ``"probe"``, from before the probe, resumes with none
-        running and the restored estimator's regime changes taken as seen)."""
+        running and the restored estimator's regime changes taken as seen). A hedge is not checkpointed: the
+        first plan after a restore has no earlier plan to hold new samples against, and never hedges."""
         self.estimator.load_state_dict(state["estimator"])
         probe = state.get("probe")
         if probe is None:
