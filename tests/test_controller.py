@@ -387,6 +387,12 @@ def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():
     feed_link(c, 30, 1e8 / 3)  # one stall: 3x the bytes' time
     c.plan(profiles(), step=30)
     assert c.hedging
+    quick = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+    quick.load_state_dict(c.state_dict())
+    quick._planned_estimate, quick.hedging = c._planned_estimate, True
+    quick.observe_collective("allreduce", 1_000_000, 1e-4, 31)  # faster than its latency: says nothing of the rate
+    quick.plan(profiles(), step=31)  # (a negative rate once: CostModelError)
+    assert not quick.hedging
     flags = []
     for step in range(31, 40):
         feed_link(c, step, 1e8)

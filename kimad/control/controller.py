@@ -260,8 +260,9 @@ class Controller:
         # the collective with the most bits (then the slowest): (bits-time, latency, measured), seconds
         bits_s, latency_s, seconds = max((before.collective_time(kind, nbytes) - before.collective_time(kind, 0),
                                           before.collective_time(kind, 0), s) for kind, nbytes, s in self._fresh)
-        if bits_s <= 0 or bits_share(latency_s, latency_s + bits_s, seconds) < INFORMATIVE_SHARE:
-            return None
+        if bits_s <= 0 or seconds <= latency_s \
+                or bits_share(latency_s, latency_s + bits_s, seconds) < INFORMATIVE_SHARE:
+            return None  # (a sample within its latency says nothing of the rate)
         # A hedge starts on a sample hedge_trigger times slower than predicted; once running, it holds while the
         # samples stay slow (a hedged plan's small message is latency-heavy: 5x slower bits may make it only
         # 2-3x slower in all), and ends when one is fast again (a stall) or the estimator has followed.
