@@ -244,10 +244,15 @@ class Controller:
         jitter drown need a probe to show the new rate, larger ones show it anyway."""
         if not self._fresh:
             return True
-        model = CostModel.from_estimate(est, self.world_size)
-        bits_s, latency_s = max((model.collective_time(kind, nbytes) - model.collective_time(kind, 0),
-                                 model.collective_time(kind, 0)) for kind, nbytes, _ in self._fresh)
+        bits_s, latency_s, _ = self._most_bits(est)
         return bits_s < PROBE_BITS_SHARE * (bits_s + latency_s)
+
+    def _most_bits(self, est: BandwidthEstimate) -> tuple[float, float, float]:
+        """``(bits-time, latency, measured)`` seconds, priced at ``est``, of the collective with the most bits
+        since the last plan (then the slowest)."""
+        model = CostModel.from_estimate(est, self.world_size)
+        return max((model.collective_time(kind, nbytes) - model.collective_time(kind, 0),
+                    model.collective_time(kind, 0), s) for kind, nbytes, s in self._fresh)
 
     def _hedge_bandwidth(self, est: BandwidthEstimate) -> float | None:
         """The rate of the collective with the most bits since the last plan if it is informative (``bits_share``),
@@ -256,10 +261,7 @@ class Controller:
         3 of the module docstring)."""
         if self._planned_estimate is None or not self._fresh or math.isinf(self.hedge_trigger):
             return None
-        before = CostModel.from_estimate(self._planned_estimate, self.world_size)
-        # the collective with the most bits (then the slowest): (bits-time, latency, measured), seconds
-        bits_s, latency_s, seconds = max((before.collective_time(kind, nbytes) - before.collective_time(kind, 0),
-                                          before.collective_time(kind, 0), s) for kind, nbytes, s in self._fresh)
+        bits_s, latency_s, seconds = self._most_bits(self._planned_estimate)
         if bits_s <= 0 or seconds <= latency_s \
                 or bits_share(latency_s, latency_s + bits_s, seconds) < INFORMATIVE_SHARE:
             return None  # (a sample within its latency says nothing of the rate)
@@ -268,7 +270,7 @@ class Controller:
         # 2-3x slower in all), and ends when one is fast again (a stall) or the estimator has followed.
         if not self.hedging and seconds < self.hedge_trigger * (latency_s + bits_s):
             return None
-        rate = before.bandwidth_bps * bits_s / (seconds - latency_s)
+        rate = self._planned_estimate.bandwidth_bps * bits_s / (seconds - latency_s)
         return rate if est.bandwidth_bps > HEDGE_MARGIN * rate else None
 
     def _allocate(self, menus: Sequence[tuple[str, Sequence[Option]]], budget_s: float) -> Allocation:
