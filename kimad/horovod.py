@@ -204,8 +204,10 @@ class Kimad:
             the agree allgather's bytes per rank), ``framing`` (the estimate's), ``dense_route``
             (``"allgather"`` when the dense tensors rode in the allgather, ``"allreduce"``, or ``None``),
             ``hedge`` (whether the plan priced a link that had just turned much slower at the rate its slow
-            collective showed), ``probe`` (whether the plan priced a faster link it had just found at ``probe_factor`` times its
-            estimate: :class:`kimad.control.Controller`), ``prev_link_comm_s`` (the previous step's allgather + allreduce time on the link: the minimum
+            collective showed), ``probe`` (whether the plan priced a faster link it had just found at
+            ``probe_factor`` times its estimate: :class:`kimad.control.Controller`), ``plan_bandwidth_bps`` (the
+            bandwidth the plan was priced at: ``bandwidth_bps``, the hedge's rate or the probe's),
+            ``prev_link_comm_s`` (the previous step's allgather + allreduce time on the link: the minimum
             over ranks, without the wait for slower ranks; ``None`` at the first step) and
             ``kimad_step_s`` (all of it).
         log_every: rank 0 prints a summary line every this many steps (0: never).
@@ -558,6 +560,7 @@ class Kimad:
                                  if "allgather" in link_s else None),
             "prev_link_agree_s": link_s.get("agree"),
             "dense_route": self._dense_route, "probe": self.controller.probing, "hedge": self.controller.hedging,
+            "plan_bandwidth_bps": self.controller.planned_bandwidth_bps,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
             "tensors": {e.name: {"option": e.label, "bytes": e.bytes, "predicted_error": e.error,

@@ -247,11 +247,14 @@ def test_after_the_link_turns_faster_two_plans_probe_at_twice_the_estimate():
     ref = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES, probe_factor=1)
     ref.load_state_dict(c.state_dict())  # the same estimate, never probing
     est = c.estimate()
-    probed, flags = [], []
+    probed, flags, prices = [], [], []
     for i in range(3):
         probed.append(c.plan(profiles(), step=step + i))
         flags.append(c.probing)
+        prices.append(c.planned_bandwidth_bps)
     assert flags == [True, True, False]
+    assert prices == [2 * est.bandwidth_bps, 2 * est.bandwidth_bps, est.bandwidth_bps]
+    assert math.isnan(ref.planned_bandwidth_bps)  # (no plan yet)
     # the first two plans are priced at twice the bandwidth: each message gets ~twice the bytes
     plain = ref.plan(profiles(), step=step)
     assert not ref.probing
@@ -310,7 +313,7 @@ def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_
         feed_link(c, step, 1e8)
         c.plan(profiles(), step=step)
     fast = c.plan(profiles(), step=30)
-    assert not c.hedging
+    assert not c.hedging and c.planned_bandwidth_bps == c.estimate().bandwidth_bps
     hedged, estimates = [], []
     for step in range(31, 45):
         feed_link(c, step, 2e7)
@@ -321,6 +324,7 @@ def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_
             break
         assert c.hedging, f"step {step}: an undeclared 5x slower link planned at {estimates[-1] / 1e6:.0f} Mbit/s"
         assert estimates[-1] > 3e7  # the estimator has not followed yet ...
+        assert c.planned_bandwidth_bps == pytest.approx(2e7, rel=0.2)  # ... the plan's price has
         hedged.append(plan)
     assert len(hedged) >= 2  # (change_samples = 3 over more than stall_steps = 3 steps)
     assert not c.hedging  # ... and once it has, the estimate prices the plan

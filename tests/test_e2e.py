@@ -113,6 +113,36 @@ def test_a_swinging_trace_summarises_recovery_and_leaves_out_a_change_too_late_t
         "5 changes: 5 within 5 steps; median 2, worst 2 steps", True)
 
 
+def test_the_hedges_rate_is_reported_beside_the_estimators_recovery_for_information(logs):
+    # The estimate lags the drop at step 20 by 7 steps (too late), while plans hedged at 21 Mbit/s from step 22:
+    # the hedge's rate is within 15% of 20 Mbit/s 2 steps after the change. Not a target row: a separate line.
+    rates = [{"wall": T0, "node": 0, "mbit": 100.0}, {"wall": T0 + 20.5, "node": 0, "mbit": 20.0}]
+    run = report.Run("kimad+", [], [], rates)
+    run.steps = [{"step": i, "t": i + 1.0, "train_s": i + 1.0, "wall": T0 + i + 1, "bytes": 1,
+                  "bandwidth_bps": 100e6 if i < 27 else 20e6, "hedge": 22 <= i < 27,
+                  "plan_bandwidth_bps": 21e6 if 22 <= i < 27 else (100e6 if i < 27 else 20e6)} for i in range(40)]
+    assert report.recovery_steps(run) == [7]
+    assert report.recovery_steps(run, report.working_bps) == [2]
+    text = report.hedged_recovery_text([run, run])
+    assert "within 15% of a new rate <= 5 steps after 2 of 2 changes (the estimator's own: 0 of 2)" in text
+    unhedged = report.Run("kimad+", [{**s, "hedge": False} for s in run.steps], [], rates)
+    assert report.hedged_recovery_text([unhedged]) is None  # nothing to add when no plan hedged
+    # a probe's higher price is not an estimate: only hedged steps use the plan's rate
+    probe = {"bandwidth_bps": 20e6, "plan_bandwidth_bps": 40e6, "hedge": False, "probe": True}
+    assert report.working_bps(probe) == 20e6
+    assert report.working_bps({"bandwidth_bps": 20e6}) == 20e6  # (logs from before plan_bandwidth_bps)
+    assert "For information" not in report.write_report(logs).read_text()  # the fixture's Kimad+ never hedged
+    steps = [json.loads(line) for line in (logs / "kimad+.jsonl").read_text().splitlines()]
+    for s in steps:  # hedged plans at 21 Mbit/s on the first 3 steps after the drop
+        if not s.get("eval"):
+            hedged = 20 <= s["step"] < 23
+            s.update(hedge=hedged, plan_bandwidth_bps=21e6 if hedged else s["bandwidth_bps"])
+    write_jsonl(logs / "kimad+.jsonl", steps)
+    assert ("taking the hedge's rate as kimad+'s estimate while a plan hedged, the estimate was within 15% of a new "
+            "rate <= 5 steps after 1 of 1 changes (the estimator's own: 1 of 1)"
+            in report.write_report(logs).read_text())
+
+
 def test_comm_share_counts_steps_within_a_quarter_of_the_budget(logs):
     runs = report.load_runs(logs, ["static0.01", "kimad+"])
     assert report.comm_within_budget_share(runs["kimad+"]) == 1.0

@@ -223,6 +223,8 @@ def test_metrics_give_each_tensors_density_and_bits_per_element(hvd):
     run_step(compression, model)
     assert compression.metrics["tensors"]["weight"]["density"] == 1.0
     assert compression.metrics["tensors"]["weight"]["bits"] == 32.0
+    # no hedge or probe: the plan was priced at the estimate
+    assert compression.metrics["plan_bandwidth_bps"] == compression.metrics["bandwidth_bps"]
 
 
 def test_log_every_prints_one_summary_line_every_n_steps(hvd, capsys):

@@ -100,17 +100,38 @@ def estimate_errors(run: Run, skip: int = RECOVERY_STEPS) -> list[float]:
             for s in run.steps[skip:] if "bandwidth_bps" in s and run.shaped_bps(s["wall"])]
 
 
-def recovery_steps(run: Run) -> list[int | None]:
-    """Per rate change: steps after it until the estimate is within 15% of the new rate (``None``: never).
-    A change followed by no more than ``RECOVERY_STEPS`` steps (the run ended) cannot be judged: left out."""
+def recovery_steps(run: Run, rate: Callable[[dict], float] = lambda s: s["bandwidth_bps"]) -> list[int | None]:
+    """Per rate change: steps after it until the estimate (``rate`` of a step's log; default the estimator's) is
+    within 15% of the new rate (``None``: never). A change followed by no more than ``RECOVERY_STEPS`` steps (the
+    run ended) cannot be judged: left out."""
     out = []
     for wall, new in run.rate_changes():
         after = [s for s in run.steps if s["wall"] >= wall and "bandwidth_bps" in s]
         if len(after) <= RECOVERY_STEPS:
             continue
-        out.append(next((i for i, s in enumerate(after) if abs(s["bandwidth_bps"] - new) / new <= ESTIMATE_TOLERANCE),
-                        None))
+        out.append(next((i for i, s in enumerate(after) if abs(rate(s) - new) / new <= ESTIMATE_TOLERANCE), None))
     return out
+
+
+def working_bps(step: dict) -> float:
+    """The rate the plan of ``step`` took the link to have: the hedge's while the plan hedged, else the estimator's
+    (a probe prices the link higher on purpose: that is no estimate)."""
+    return step["plan_bandwidth_bps"] if step.get("hedge") and "plan_bandwidth_bps" in step else step["bandwidth_bps"]
+
+
+def hedged_recovery_text(runs: list[Run]) -> str | None:
+    """A sentence on how soon the plans of ``runs`` (one method, one run per repeat) followed each rate change when
+    the hedge's rate counts as the estimate (:func:`working_bps`), beside the estimator's own figure; ``None``
+    when they never hedged."""
+    if not any(run.rates and any(s.get("hedge") and "plan_bandwidth_bps" in s for s in run.steps) for run in runs):
+        return None
+    counts = []
+    for rate in (working_bps, lambda s: s["bandwidth_bps"]):
+        rec = [r for run in runs if run.rates for r in recovery_steps(run, rate)]
+        counts.append(f"{sum(r is not None and r <= RECOVERY_STEPS for r in rec)} of {len(rec)}")
+    return (f"For information (not a target): taking the hedge's rate as {runs[0].method}'s estimate while a plan "
+            f"hedged, the estimate was within 15% of a new rate <= {RECOVERY_STEPS} steps after {counts[0]} changes "
+            f"(the estimator's own: {counts[1]}).")
 
 
 def link_comm(run: Run) -> list[tuple[int, float, float]]:
@@ -299,7 +320,10 @@ def plot_all(runs: dict[str, Run], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 4))
         for run in kimads:
             t = [s["t"] for s in run.steps]
-            ax.plot(t, [s["bandwidth_bps"] / 1e6 for s in run.steps], label=f"{run.method} estimate", lw=1)
+            line, = ax.plot(t, [s["bandwidth_bps"] / 1e6 for s in run.steps], label=f"{run.method} estimate", lw=1)
+            if any("plan_bandwidth_bps" in s for s in run.steps):  # (hedges and probes show where they part)
+                ax.plot(t, [s.get("plan_bandwidth_bps", s["bandwidth_bps"]) / 1e6 for s in run.steps], ":", lw=1,
+                        color=line.get_color(), label=f"{run.method} plans priced at")
         shaped = next((r for r in kimads if r.rates), None)
         if shaped is not None:
             t = [s["t"] for s in shaped.steps]
@@ -428,6 +452,9 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     lines += ["", "## Targets (issue 6)", "", "| target | measured | met |", "|---|---|---|"]
     for row in targets(runs, target):
         lines.append(f"| {row.what} | {row.figure} | {_met(row.met)} |")
+    hedged = [text for m in KIMAD_METHODS if m in runs for text in [hedged_recovery_text([runs[m]])] if text]
+    if hedged:
+        lines += [""] + hedged
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -556,6 +583,10 @@ def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
               "|---|" + "---|" * (n + 2)]
     for first, figures, aggregate, met in aggregate_targets([targets(runs, target) for runs in repeats]):
         lines.append(f"| {first.what} | {' | '.join(figures)} | {aggregate} | {_met(met)} |")
+    hedged = [text for m in KIMAD_METHODS if m in methods for text in [hedged_recovery_text([r[m] for r in repeats])]
+              if text]
+    if hedged:
+        lines += [""] + hedged
     return "\n".join(lines) + "\n"
 
 

@@ -20,9 +20,9 @@ message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the
 ``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), ``prev_link_comm_s`` and
 ``prev_link_agree_s`` (the previous step's link times), ``agree_bytes`` (this step's agree message),
 ``probe`` (whether the plan probed a faster link), ``hedge`` (whether it was priced at a slow collective's
-rate), ``density`` (per tensor: fraction of entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per
-tensor: message bits per element). Every ``--eval-every-s``
-seconds of training, at each epoch's end and at the end, rank 0 evaluates (the other ranks wait
+rate), ``plan_bandwidth_bps`` (the bandwidth the plan was priced at), ``density`` (per tensor: fraction of
+entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every
+``--eval-every-s`` seconds of training, at each epoch's end and at the end, rank 0 evaluates (the other ranks wait
 for it, outside the training clock; with ``--eval-after`` it keeps a copy of the weights instead and
 evaluates them all once training is over, logging each with its snapshot's times) and logs
 ``{"eval": true, "step": ..., "t": ..., "train_s": ..., "wall": ..., "accuracy": ...}`` (digits) or the
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                              budget_s=m["budget_s"], comm_s=m["actual_comm_s"],
                              prev_link_comm_s=m["prev_link_comm_s"], prev_link_agree_s=m["prev_link_agree_s"],
                              agree_bytes=m["agree_bytes"], probe=m["probe"], hedge=m["hedge"],
+                             plan_bandwidth_bps=m["plan_bandwidth_bps"],
                              issued_latency_s=m["issued_latency_s"],
                              predicted_comm_s=m["predicted_comm_s"], over_budget=m["over_budget"],
                              kimad_step_s=m["kimad_step_s"],

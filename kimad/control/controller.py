@@ -124,6 +124,11 @@ class Controller:
         hedge_trigger: a collective this many times slower than predicted (> 1; ``math.inf``: never) prices the
             next plan at its own rate until the estimator decides (step 3 of the module docstring);
             :attr:`hedging` says whether the last plan did.
+
+    Attributes:
+        planned_bandwidth_bps: the bandwidth (wire bits/s) the last plan was priced at: the estimator's, the
+            hedge's slow-sample rate while :attr:`hedging`, ``probe_factor`` times the estimator's while
+            :attr:`probing` (``nan`` before the first plan).
     """
 
     def __init__(self, *, world_size: int, budget: float | str | FixedBudget | AutoBudget = "auto",
@@ -164,6 +169,7 @@ class Controller:
         self._seen_changes, self._last_bandwidth, self._probe_until = 0, math.inf, -1
         self.hedge_trigger = float(hedge_trigger)
         self.hedging = False
+        self.planned_bandwidth_bps = math.nan
         self._planned_estimate: BandwidthEstimate | None = None  # the estimator's, at the last plan
         self._fresh: list[tuple[str, int, float]] = []  # (kind, bytes per rank, seconds) since the last plan
 
@@ -223,7 +229,7 @@ class Controller:
     def _planning_estimate(self, step: int) -> BandwidthEstimate:
         """The estimate ``plan`` prices with (step 3 of the module docstring): the estimator's; while hedging,
         the same at the slow sample's rate; else while probing, with ``probe_factor`` times its bandwidth. Sets
-        :attr:`probing` and :attr:`hedging`."""
+        :attr:`probing`, :attr:`hedging` and :attr:`planned_bandwidth_bps`."""
         est = self.estimate()
         changes = self.estimator.state.regime_changes
         if (changes > self._seen_changes and est.bandwidth_bps > PROBE_TRIGGER * self._last_bandwidth
@@ -235,8 +241,11 @@ class Controller:
         self.hedging = hedge_bps is not None
         self.probing = not self.hedging and step <= self._probe_until and self.probe_factor > 1
         if self.hedging:
-            return dataclasses.replace(est, bandwidth_bps=hedge_bps)
-        return dataclasses.replace(est, bandwidth_bps=self.probe_factor * est.bandwidth_bps) if self.probing else est
+            est = dataclasses.replace(est, bandwidth_bps=hedge_bps)
+        elif self.probing:
+            est = dataclasses.replace(est, bandwidth_bps=self.probe_factor * est.bandwidth_bps)
+        self.planned_bandwidth_bps = est.bandwidth_bps
+        return est
 
     def _weak_evidence(self, est: BandwidthEstimate) -> bool:
         """Whether the collective with the most bits since the last plan, priced at ``est``, spends less than
