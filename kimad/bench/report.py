@@ -453,8 +453,8 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     for row in targets(runs, target):
         lines.append(f"| {row.what} | {row.figure} | {_met(row.met)} |")
     hedged = [text for m in KIMAD_METHODS if m in runs for text in [hedged_recovery_text([runs[m]])] if text]
-    if hedged:
-        lines += [""] + hedged
+    for text in hedged:
+        lines += ["", text]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -585,8 +585,8 @@ def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
         lines.append(f"| {first.what} | {' | '.join(figures)} | {aggregate} | {_met(met)} |")
     hedged = [text for m in KIMAD_METHODS if m in methods for text in [hedged_recovery_text([r[m] for r in repeats])]
               if text]
-    if hedged:
-        lines += [""] + hedged
+    for text in hedged:
+        lines += ["", text]
     return "\n".join(lines) + "\n"
 
 
