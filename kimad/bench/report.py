@@ -243,7 +243,7 @@ def targets(runs: dict[str, Run], target: float) -> list[Target]:
             rows.append(Target(f"{name}: tracks a rate change", "n/a (no rate change in the run)"))
         share = comm_within_budget_share(run)
         if share is not None:
-            rows.append(Target(f"{name}: comm time within ±25% of budget on >= 80% of steps", f"{share:.0%} of steps",
+            rows.append(Target(f"{name}: comm time within ±25% of budget on >= 80% of steps", f"{share:.1%} of steps",
                                share, COMM_SHARE, at_least=True, unit="share"))
     if kimad_plus is not None:
         base = runs.get("none")
