@@ -340,19 +340,23 @@ def test_a_plan_mismatch_stops_every_rank_without_hanging(np):
     assert "was NOT stopped" not in output
 
 
+def budget_result(returncode: int, output: str) -> dict:
+    """The figures ``tests/scripts/kimad_budget.py`` printed (its ``kimad budget: {...}`` line), once it exited 0."""
+    assert returncode == 0, output[-6000:]
+    (line,) = re.findall(r"kimad budget: (\{.*\})", output)
+    return json.loads(line)
+
+
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
 def test_measured_communication_time_tracks_a_fixed_budget():
     # Budget: a quarter of the measured dense allreduce time, so compression is needed for it to bind.
     def run(attempt: int) -> dict:
         proc = horovodrun("kimad_budget.py", "--steps", "40", "--warmup", "10", "--fraction", "0.25")
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, output[-6000:]
-        (line,) = re.findall(r"kimad budget: (\{.*\})", output)
-        r = json.loads(line)
+        r = budget_result(proc.returncode, proc.stdout + proc.stderr)
         print(f"\nrun {attempt}: budget {r['budget_s'] * 1e3:.2f} ms (dense allreduce "
-              f"{r['dense_allreduce_s'] * 1e3:.1f} ms, timings spread {r['dense_spread']:.2f}x): measured comm within +-25% on {r['within_25pct']:.0%} "
-              f"of steps, median comm/budget {r['median_ratio']:.2f}, "
+              f"{r['dense_allreduce_s'] * 1e3:.1f} ms, timings spread {r['dense_spread']:.2f}x): measured comm "
+              f"within +-25% on {r['within_25pct']:.0%} of steps, median comm/budget {r['median_ratio']:.2f}, "
               f"{r['median_bytes'] / r['dense_bytes']:.2%} of dense bytes")
         # Always true: the budget binds (compression is used) and every plan within budget predicts <= budget.
         assert r["median_bytes"] < 0.5 * r["dense_bytes"]
@@ -395,10 +399,7 @@ def test_measured_communication_time_tracks_a_fixed_budget_on_a_shaped_link(tmp_
                 open(log, "w") as out:
             code = run_horovod(cluster, [sys.executable, str(SCRIPTS / "kimad_budget.py"), "--width", "512",
                                          "--steps", "40", "--warmup", "10"], env=rank_environment(), out=out)
-        output = log.read_text()
-        assert code == 0, output[-6000:]
-        (line,) = re.findall(r"kimad budget: (\{.*\})", output)
-        r = json.loads(line)
+        r = budget_result(code, log.read_text())
         print(f"\nshaped 50 Mbit/s, run {attempt}: budget {r['budget_s'] * 1e3:.1f} ms, estimate "
               f"{r['bandwidth_bps'] / 1e6:.1f} Mbit/s; measured comm within +-25% on {r['within_25pct']:.0%} of "
               f"steps, median comm/budget {r['median_ratio']:.2f}; probing plans at steps {r['probe_steps']}, "
