@@ -4,7 +4,9 @@
 
 Inputs, per run directory (written by ``python -m kimad.bench``): ``<method>.jsonl`` (one JSON line per
 step; evaluation rows are skipped) and ``rates-<method>.jsonl`` (the shaped rate over time, with wall
-clock). Each step's ``bytes`` (bytes per rank of its allgather) is paired with the next step's
+clock). Where a step logged ``link_samples`` (runs from session 11 on), those are fed as logged: exactly the
+``[collective, bytes per rank, link seconds]`` samples the plugin's estimator got at that step. Older logs are
+paired up: each step's ``bytes`` (bytes per rank of its allgather) is paired with the next step's
 ``prev_link_comm_s`` (that allgather's link time, seconds: the minimum over ranks) and fed as one
 allgather sample over the run's ranks (``meta.json``'s ``nodes``) at the next step, the step at which the
 plugin learned it; so is its small "agree" allgather (``agree_bytes`` with the next step's
@@ -88,6 +90,11 @@ def replay(estimator_class, rows: list[dict], world: int = 4, **options) -> list
     est = estimator_class(**options)
     estimates = []
     for prev, row in zip([None] + rows[:-1], rows):
+        if "link_samples" in row:  # the very samples the plugin fed its estimator at this step
+            for collective, nbytes, seconds in row["link_samples"]:
+                est.add(collective, world, int(nbytes), float(seconds), int(row["step"]))
+            estimates.append(est.estimate().bandwidth_bps)
+            continue
         for size, time in (("bytes", "prev_link_comm_s"), ("agree_bytes", "prev_link_agree_s")):
             if prev is not None and prev.get(size) is not None and row.get(time) is not None:
                 est.add("allgather", world, int(prev[size]), float(row[time]), int(row["step"]))

@@ -208,8 +208,9 @@ class Kimad:
             ``probe_factor`` times its estimate: :class:`kimad.control.Controller`), ``plan_bandwidth_bps`` (the
             bandwidth the plan was priced at: ``bandwidth_bps``, the hedge's rate or the probe's),
             ``prev_link_comm_s`` (the previous step's allgather + allreduce time on the link: the minimum
-            over ranks, without the wait for slower ranks; ``None`` at the first step) and
-            ``kimad_step_s`` (all of it).
+            over ranks, without the wait for slower ranks; ``None`` at the first step), ``link_samples``
+            (the ``[collective, bytes per rank, link seconds]`` samples this step fed the bandwidth estimator:
+            the previous step's collectives; empty when none) and ``kimad_step_s`` (all of it).
         log_every: rank 0 prints a summary line every this many steps (0: never).
         tensorboard_dir: rank 0 also writes the step's figures as TensorBoard scalars there (needs the
             ``tensorboard`` package): ``kimad/`` + bandwidth_bps, latency_s, budget_s, predicted_bytes,
@@ -412,7 +413,7 @@ class Kimad:
         profile_values = (rows[:, : -len(slots) - 2].sum(0) / world).tolist()
         per_rank_s = rows[:, -len(slots) - 2: -2]
         avg_compute_s = float(rows[:, -2].sum()) / world
-        link_s = {}
+        link_s, fed = {}, []
         if bool((rows[:, -1] == 1.0).all()):  # every rank measured the previous step: feed the same samples everywhere
             for i, kind in enumerate(slots):
                 if kind not in timings:
@@ -424,6 +425,7 @@ class Kimad:
                 if not self.fixed_link and world > 1:
                     collective = "allreduce" if kind == "allreduce" else "allgather"
                     self.controller.observe_collective(collective, timings[kind][0], link_s[kind], self.step)
+                    fed.append([collective, timings[kind][0], link_s[kind]])
             self.controller.observe_compute(avg_compute_s)
         else:
             avg_compute_s = None
@@ -521,7 +523,7 @@ class Kimad:
         ended = time.perf_counter()
         timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
         self._record(plan, digest, samples, agree_s, agree_bytes, avg_compute_s, local_errors,
-                     ended - started, timing, link_s, predicted_comm_s, user_budget)
+                     ended - started, timing, link_s, fed, predicted_comm_s, user_budget)
         # The agree allgather is a sample too (next step, like the others): small, so it pins the latency.
         self._last_samples = samples + [("agree", agree_bytes, agree_s)]
         self._last_end = ended
@@ -544,7 +546,7 @@ class Kimad:
 
     # -- metrics -----------------------------------------------------------------------------------
     def _record(self, plan: Plan, digest: str, samples, agree_s, agree_bytes, compute_s, local_errors, step_s: float,
-                timing: dict, link_s: dict, predicted_comm_s: float, budget_s: float) -> None:
+                timing: dict, link_s: dict, fed: list, predicted_comm_s: float, budget_s: float) -> None:
         est = self.controller.estimate()
         comm = {kind: s for kind, _, s in samples}
         self.metrics = {
@@ -558,7 +560,7 @@ class Kimad:
             "allgather_s": comm.get("allgather", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
             "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
                                  if "allgather" in link_s else None),
-            "prev_link_agree_s": link_s.get("agree"),
+            "prev_link_agree_s": link_s.get("agree"), "link_samples": fed,
             "dense_route": self._dense_route, "probe": self.controller.probing, "hedge": self.controller.hedging,
             "plan_bandwidth_bps": self.controller.planned_bandwidth_bps,
             **timing, "overhead_s": sum(timing.values()),

@@ -362,6 +362,8 @@ def test_measured_communication_time_tracks_a_fixed_budget():
         assert r["median_bytes"] < 0.5 * r["dense_bytes"]
         assert all(p is None or p <= 1.0 + 1e-9 for p in r["predicted_ratios"])
         assert all(q > 0.0 for q in r["ratios"])
+        # and the metrics name the samples the estimator was fed: the previous step's collectives
+        assert r["link_samples_disagree"] == []
         return r
 
     # Kimad's claim holds on a stable link only; on a loaded machine the timings themselves vary more than 25%.

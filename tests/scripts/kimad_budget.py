@@ -16,6 +16,7 @@ slowest / fastest of the dense timings: how stable the link was.
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -42,6 +43,18 @@ def dense_allreduce_s(numel: int, repeats: int) -> tuple[float, float]:
     return median, spread
 
 
+def link_samples_disagree(m: dict, prev: dict | None) -> bool:
+    """Whether the step's ``link_samples`` (what it fed the estimator) disagree with the previous step's
+    collectives: its data collectives (bytes, and link seconds = ``prev_link_comm_s``) then its agree allgather."""
+    samples = m["link_samples"]
+    if prev is None:
+        return samples != []
+    *data, agree = samples
+    return not (sum(b for _, b, _ in data) == prev["actual_bytes"]
+                and math.isclose(sum(s for _, _, s in data), m["prev_link_comm_s"], rel_tol=1e-9)
+                and agree == ["allgather", prev["agree_bytes"], m["prev_link_agree_s"]])
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=40)
@@ -63,7 +76,8 @@ def main() -> int:
     opt = kimad.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                              named_parameters=model.named_parameters(), budget_s=budget,
                                              allocator="layerwise", compressors=("topk",), error_feedback="ef21")
-    ratios, nbytes, predicted, probes, hedges = [], [], [], [], []
+    ratios, nbytes, predicted, probes, hedges, unlogged = [], [], [], [], [], []
+    prev = None
     for step in range(args.warmup + args.steps):
         g = torch.Generator().manual_seed(100 * step + rank)
         x, y = torch.randn(32, width, generator=g), torch.randint(0, 10, (32,), generator=g)
@@ -76,6 +90,8 @@ def main() -> int:
         if step >= args.warmup:
             nbytes.append(m["actual_bytes"])
             predicted.append(None if m["over_budget"] else m["predicted_comm_s"] / budget)
+        unlogged += [step] if link_samples_disagree(m, prev) else []
+        prev = m
         probes += [step] if m["probe"] else []
         hedges += [step] if m["hedge"] else []
     within = sum(0.75 <= r <= 1.25 for r in ratios) / len(ratios)
@@ -85,7 +101,8 @@ def main() -> int:
               "predicted_ratios": [None if r is None else round(r, 4) for r in predicted],
               "median_bytes": statistics.median(nbytes), "dense_bytes": 4 * numel,
               "bandwidth_bps": opt.kimad.metrics["bandwidth_bps"],
-              "latency_s": opt.kimad.metrics["latency_s"], "probe_steps": probes, "hedge_steps": hedges}
+              "latency_s": opt.kimad.metrics["latency_s"], "probe_steps": probes, "hedge_steps": hedges,
+              "link_samples_disagree": unlogged}
     if rank == 0:
         print("kimad budget: " + json.dumps(result), flush=True)
     hvd.shutdown()
