@@ -40,18 +40,22 @@ def measure(reps: int) -> None:
 
     hvd.init()
     torch.set_num_threads(1)
-    medians = {}
+    medians = {"same": {}, "new": {}}
     for nbytes in SIZES:
-        x = torch.zeros(max(1, nbytes // 4))
-        times = []
-        for _ in range(reps):
+        elements = max(1, nbytes // 4)
+        times = {"same": [], "new": []}
+        for rep in range(2 * reps):  # the two kinds in turn
+            kind = "new" if rep % 2 else "same"
+            # "new": one to three elements more than the last time, as Kimad's message changes size every step
+            x = torch.zeros(elements + (rep // 2) % 3 + 1 if kind == "new" else elements)
             hvd.allreduce(torch.zeros(1), name="barrier")
             time.sleep(0.005)
             t0 = time.perf_counter()
-            hvd.allgather(x, name=f"ag{nbytes}")
-            times.append(time.perf_counter() - t0)
-        per_rank = hvd.allgather(torch.tensor([times], dtype=torch.float64), name=f"times{nbytes}")
-        medians[nbytes] = statistics.median(per_rank.min(0).values.tolist())
+            hvd.allgather(x, name=f"ag{nbytes}{kind}")
+            times[kind].append(time.perf_counter() - t0)
+        for kind, ts in times.items():
+            per_rank = hvd.allgather(torch.tensor([ts], dtype=torch.float64), name=f"times{nbytes}{kind}")
+            medians[kind][nbytes] = statistics.median(per_rank.min(0).values.tolist())
     if hvd.rank() == 0:
         print(RESULT + json.dumps({"world": hvd.size(), "seconds": medians}), flush=True)
 
@@ -61,20 +65,23 @@ def report(result: dict, rate_mbit: float, congestion_control: str) -> None:
 
     from kimad.control.cost import TCP_ETHERNET_FRAMING, latency_terms, link_bytes
 
-    n, seconds = result["world"], {int(k): v for k, v in result["seconds"].items()}
-    bps = rate_mbit * 1e6
+    n, bps = result["world"], rate_mbit * 1e6
     print(f"{n} nodes at {rate_mbit:g} Mbit/s, TCP {congestion_control}; median over repetitions of the min over ranks")
-    print(f"{'bytes/rank':>10} {'ms':>8} {'ideal payload ms':>16} {'ideal frames ms':>15} {'frames/ms ratio':>15}")
-    for nbytes, s in seconds.items():
-        payload = 8 * link_bytes("allgather", n, nbytes) / bps
-        print(f"{nbytes:>10,} {s * 1e3:>8.2f} {payload * 1e3:>16.2f} {payload * TCP_ETHERNET_FRAMING * 1e3:>15.2f} "
-              f"{payload * TCP_ETHERNET_FRAMING / s:>15.3f}")
-    fit = [k for k in seconds if k >= FIT_FROM]
-    design = np.array([[latency_terms("allgather", n), 8 * link_bytes("allgather", n, k)] for k in fit])
-    (alpha, beta), *_ = np.linalg.lstsq(design, np.array([seconds[k] for k in fit]), rcond=None)
-    print(f"alpha-beta fit over sizes >= {FIT_FROM:,} B: latency {alpha * 1e3:.3f} ms per round, payload rate "
-          f"{1 / beta / 1e6:.2f} Mbit/s = {1 / beta / bps:.3f} of the shaped rate (frames: "
-          f"{TCP_ETHERNET_FRAMING / beta / bps:.3f})")
+    for kind, label in (("same", "the same size every time (Horovod's response cache hits)"),
+                        ("new", "a new size every time, as Kimad's data allgather (the cache misses)")):
+        seconds = {int(k): v for k, v in result["seconds"][kind].items()}
+        print(f"{label}:")
+        print(f"{'bytes/rank':>10} {'ms':>8} {'ideal payload ms':>16} {'ideal frames ms':>15} {'frames/ms ratio':>15}")
+        for nbytes, s in seconds.items():
+            payload = 8 * link_bytes("allgather", n, nbytes) / bps
+            print(f"{nbytes:>10,} {s * 1e3:>8.2f} {payload * 1e3:>16.2f} {payload * TCP_ETHERNET_FRAMING * 1e3:>15.2f} "
+                  f"{payload * TCP_ETHERNET_FRAMING / s:>15.3f}")
+        fit = [k for k in seconds if k >= FIT_FROM]
+        design = np.array([[latency_terms("allgather", n), 8 * link_bytes("allgather", n, k)] for k in fit])
+        (alpha, beta), *_ = np.linalg.lstsq(design, np.array([seconds[k] for k in fit]), rcond=None)
+        print(f"alpha-beta fit over sizes >= {FIT_FROM:,} B: latency {alpha * 1e3:.3f} ms per round, payload rate "
+              f"{1 / beta / 1e6:.2f} Mbit/s = {1 / beta / bps:.3f} of the shaped rate (frames: "
+              f"{TCP_ETHERNET_FRAMING / beta / bps:.3f})")
 
 
 def main() -> int:

@@ -47,7 +47,10 @@ needs all gradients at once (one plan for the whole step), so:
       of the plan digest and followed by the dense buffer when adding its bytes to the allgather costs
       less than a Sum allreduce of its own (always at 2 ranks; small buffers such as biases otherwise:
       a ring allreduce pays 2(n-1) latencies); else ONE Sum allreduce (``kimad.dense``) of the dense
-      buffer follows. Each is timed from submission to completion; its bytes per rank are exact. Kimad waits
+      buffer follows. While the step's byte budget holds last step's allgather row and exceeds it by at most
+      ``ROW_BAND``, the plan is priced to fill that row and the message is zero-padded to it: the allgather
+      keeps its shape, so Horovod's response cache holds it and the ranks skip the coordinator's
+      negotiation of a new shape. Each is timed from submission to completion; its bytes per rank are exact. Kimad waits
       for its collectives with :func:`synchronize` (polls with short sleeps), not Horovod's own, which
       spins and so takes a core from the ranks that are still working when ranks outnumber cores.
       Kimad's collectives do not overlap the backward pass (they run after it) and the skew between
@@ -87,6 +90,7 @@ are not supported.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -114,6 +118,14 @@ _STATE_VERSION = 1
 # long wait (a rank idle while rank 0 evaluates) costs ~1,000 wake-ups a second, not 10,000.
 POLL_INTERVAL_S = 1e-4
 MAX_POLL_INTERVAL_S = 1e-3
+# The step's allgather keeps last step's row size while it fits (ROW_BAND): Horovod's response cache holds a
+# collective's shape under its name, and a new shape misses it, so the ranks negotiate through the coordinator
+# again (more latency-bound messages). A plan's bytes change a little every step, so without this every step
+# missed. Measured on 4 idle emulated ranks (benchmarks/ring_goodput.py): a new size each time took 2-3 ms more
+# at 20 Mbit/s (4 kB: 8.6 ms against 5.4) and 1.1-1.7x as long at 100 Mbit/s (30 kB: 21.7 ms against 12.5);
+# and the estimator, whose small agree allgather (the same size every step) pins the latency, read the overhead
+# of the data allgather as a slower link.
+ROW_BAND = 1.08  # a plan targets last step's row while the byte budget holds it and is at most 8% more
 
 
 def synchronize(handle):
@@ -203,6 +215,7 @@ class Kimad:
             (collectives, this rank's wall time; ``actual_comm_s`` = allgather + allreduce; ``agree_bytes``
             the agree allgather's bytes per rank), ``framing`` (the estimate's), ``dense_route``
             (``"allgather"`` when the dense tensors rode in the allgather, ``"allreduce"``, or ``None``),
+            ``row_kept`` (whether the allgather kept last step's row size, see ``ROW_BAND``),
             ``hedge`` (whether the plan priced a link that had just turned much slower at the rate its slow
             collective showed), ``probe`` (whether the plan priced a faster link it had just found at
             ``probe_factor`` times its estimate: :class:`kimad.control.Controller`), ``plan_bandwidth_bps`` (the
@@ -282,6 +295,8 @@ class Kimad:
         self._last_end: float | None = None
         # ("allgather" | "allreduce" | "agree", bytes per rank, seconds) of the last step's collectives
         self._last_samples: list[tuple[str, int, float]] = []
+        # (bytes per rank, dense bytes riding in it) of the last step's allgather row (see _kept_row)
+        self._row: tuple[int, int] | None = None
         self.metrics: dict = {}
         self.metrics_path = metrics_path
         self.log_every = log_every
@@ -440,11 +455,14 @@ class Kimad:
             pos += 1 + m + 4 * quant
         cost = CostModel.from_estimate(self.controller.estimate(), world)
         user_budget = self.budget.budget_s()
-        self.controller.budget.bytes_s, issued = cost.batched_byte_budget(
+        bytes_s, issued = cost.batched_byte_budget(
             [self._compressible(g.numel()) for g in grads], [g.numel() for g in grads], user_budget,
             self.min_byte_share)
+        row = self._kept_row(CostModel.from_estimate(self.controller.estimate(), world, batched=True), bytes_s)
+        self.controller.budget.bytes_s = bytes_s if row is None else row[2]
         plan = self.controller.plan(profiles, step=self.step)
-        predicted_comm_s = plan.total_time_s + issued
+        if self.controller.hedging or self.controller.probing:
+            row = None  # priced at another rate than the row was: padding to it could overrun the budget
         digest = plan.digest()
         t_encode = time.perf_counter()
         plan_s = t_encode - t_plan
@@ -475,12 +493,21 @@ class Kimad:
         # than an allreduce of its own), verified before any dense allreduce.
         buffer = torch.cat(dense) if dense else None
         rides = buffer is not None and cost.dense_rides(4 * buffer.numel())
+        message = sum(m.numel() for m in sparse)
         if rides:
-            sparse_end = sum(m.numel() for m in sparse)
-            sparse.append(torch.zeros(-sparse_end % 4, dtype=torch.uint8))  # float32-aligned in every rank's row
+            sparse.append(torch.zeros(-message % 4, dtype=torch.uint8))  # float32-aligned in every rank's row
+            dense_start = message + (-message % 4)
             sparse.append(buffer.view(torch.uint8))
+            message = dense_start + 4 * buffer.numel()
+        # last step's row when the message fits it (padded with zeros), else the message's own size
+        per_rank = row[0] if row is not None and message <= row[0] else message + (-message % 8)
+        sparse.append(torch.zeros(per_rank - message, dtype=torch.uint8))
         send = torch.cat(sparse)
-        per_rank = send.numel()
+        self._row = (per_rank, 4 * buffer.numel() if rides else 0)
+        self._row_kept = row is not None and per_rank == row[0]
+        # the padding's time (a few bytes, or what the plan left of the row it was priced to fill)
+        predicted_comm_s = plan.total_time_s + issued + (
+            cost.allgather(per_rank) - cost.allgather(message) if world > 1 else 0.0)
         t0 = time.perf_counter()
         encode_s = t0 - t_encode
         gathered = synchronize(hvd.allgather_async(send, name="kimad.sparse"))
@@ -490,7 +517,8 @@ class Kimad:
         self._dense_route = None if buffer is None else ("allgather" if rides else "allreduce")
         dense_sum = None
         if rides:
-            dense_rows = gathered.view(world, per_rank)[:, per_rank - 4 * buffer.numel():].view(torch.float32)
+            dense_rows = gathered.view(world, per_rank)[:, dense_start: dense_start + 4 * buffer.numel()]
+            dense_rows = dense_rows.view(torch.float32)
             dense_sum = dense_rows[0].clone()
             for r in range(1, world):  # in rank order on every rank: bit-identical sums everywhere
                 dense_sum += dense_rows[r]
@@ -523,11 +551,23 @@ class Kimad:
         ended = time.perf_counter()
         timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
         self._record(plan, digest, samples, agree_s, agree_bytes, avg_compute_s, local_errors,
-                     ended - started, timing, link_s, fed, predicted_comm_s, user_budget)
+                     ended - started, timing, link_s, fed, predicted_comm_s, user_budget, issued)
         # The agree allgather is a sample too (next step, like the others): small, so it pins the latency.
         self._last_samples = samples + [("agree", agree_bytes, agree_s)]
         self._last_end = ended
         self.step += 1
+
+    def _kept_row(self, cost: CostModel, bytes_s: float) -> tuple[int, int, float] | None:
+        """``(row bytes, dense bytes riding in it, seconds)``: last step's allgather row and the seconds its
+        contents are priced at by the batched ``cost`` (its dense part as the plan prices dense tensors, the rest
+        as top-k bytes, less the digest prefix and alignment), when the step's byte budget ``bytes_s`` holds it and
+        is at most ``ROW_BAND`` times that; else ``None`` (the plan gets the whole budget and sets a new row)."""
+        if self._row is None or self.world_size == 1:
+            return None
+        row, riding = self._row
+        sparse = max(0, row - riding - DIGEST_PREFIX_BYTES - 3)
+        seconds = cost.message_time(MessageFormat.TOPK, sparse) + cost.message_time(MessageFormat.DENSE32, riding)
+        return (row, riding, seconds) if bytes_s / ROW_BAND <= seconds <= bytes_s else None
 
     def _verify(self, gathered: torch.Tensor, prefix: torch.Tensor, per_rank: int, plan: Plan) -> None:
         expected = self.world_size * per_rank
@@ -546,12 +586,13 @@ class Kimad:
 
     # -- metrics -----------------------------------------------------------------------------------
     def _record(self, plan: Plan, digest: str, samples, agree_s, agree_bytes, compute_s, local_errors, step_s: float,
-                timing: dict, link_s: dict, fed: list, predicted_comm_s: float, budget_s: float) -> None:
+                timing: dict, link_s: dict, fed: list, predicted_comm_s: float, budget_s: float,
+                issued_s: float) -> None:
         est = self.controller.estimate()
         comm = {kind: s for kind, _, s in samples}
         self.metrics = {
             "step": plan.step, "bandwidth_bps": est.bandwidth_bps, "latency_s": est.latency_s, "framing": est.framing,
-            "budget_s": budget_s, "issued_latency_s": predicted_comm_s - plan.total_time_s,
+            "budget_s": budget_s, "issued_latency_s": issued_s,
             "over_budget": plan.over_budget or predicted_comm_s > budget_s * (1 + 1e-9), "plan_digest": digest,
             "predicted_bytes": plan.total_bytes, "actual_bytes": sum(nbytes for _, nbytes, _ in samples),
             "predicted_comm_s": predicted_comm_s,
@@ -561,7 +602,7 @@ class Kimad:
             "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
                                  if "allgather" in link_s else None),
             "prev_link_agree_s": link_s.get("agree"), "link_samples": fed,
-            "dense_route": self._dense_route, "probe": self.controller.probing, "hedge": self.controller.hedging,
+            "row_kept": self._row_kept, "dense_route": self._dense_route, "probe": self.controller.probing, "hedge": self.controller.hedging,
             "plan_bandwidth_bps": self.controller.planned_bandwidth_bps,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
@@ -602,12 +643,12 @@ class Kimad:
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything Kimad holds: error-feedback states per name, controller (estimator, auto-budget window),
-        step counter and the last step's measured collectives."""
+        step counter, the last step's measured collectives and its allgather row (plans depend on all of it)."""
         budget = self.budget
         return {"version": _STATE_VERSION, "step": self.step, "feedback": self._feedback.state_dict(),
                 "controller": self.controller.state_dict(),
                 "compute_window": list(budget._compute) if isinstance(budget, AutoBudget) else None,
-                "last_samples": list(self._last_samples)}
+                "last_samples": list(self._last_samples), "row": self._row}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (same options and parameters)."""
@@ -621,6 +662,8 @@ class Kimad:
             budget._compute.clear()
             budget._compute.extend(state["compute_window"])
         self._last_samples = [tuple(s) for s in state["last_samples"]]
+        row = state.get("row")  # (states saved before the row was kept have none: a new row is set)
+        self._row = None if row is None else (int(row[0]), int(row[1]))
         self._last_end = None  # the compute time across a restart is not a measurement
         self._pending, self._results = {}, {}
 

@@ -405,7 +405,7 @@ def test_measured_communication_time_tracks_a_fixed_budget_on_a_shaped_link(tmp_
         print(f"\nshaped 50 Mbit/s, run {attempt}: budget {r['budget_s'] * 1e3:.1f} ms, estimate "
               f"{r['bandwidth_bps'] / 1e6:.1f} Mbit/s; measured comm within +-25% on {r['within_25pct']:.0%} of "
               f"steps, median comm/budget {r['median_ratio']:.2f}; probing plans at steps {r['probe_steps']}, "
-              f"hedged at {r['hedge_steps']}")
+              f"hedged at {r['hedge_steps']}; the allgather kept last step's row on {r['row_kept_share']:.0%} of steps")
         assert r["median_bytes"] < 0.5 * r["dense_bytes"]
         return r
 
@@ -420,6 +420,8 @@ def test_measured_communication_time_tracks_a_fixed_budget_on_a_shaped_link(tmp_
                                       f" (the first run: within 25% on {first['within_25pct']:.0%} of steps)")
     assert 0.75 <= r["median_ratio"] <= 1.25
     assert r["bandwidth_bps"] == pytest.approx(50e6, rel=0.15)
+    # a fixed budget on a steady link: the allgather keeps its row (and Horovod's cached negotiation) most steps
+    assert r["row_kept_share"] >= 0.5
 
 
 def test_resnet18_for_32x32_images_has_resnet18s_parameters():
@@ -482,3 +484,37 @@ def test_an_auto_budget_object_sets_the_fraction_of_compute_time(hvd):
     compression = kimad.Kimad(nn.Linear(4, 4).named_parameters(), budget_s=AutoBudget(fraction=1.0))
     compression.budget.observe_compute(0.04)
     assert compression.budget.budget_s() == pytest.approx(0.04)
+
+
+
+
+def test_a_plan_targets_last_steps_row_while_the_byte_budget_holds_it_and_at_most_row_band_more(hvd):
+    from kimad.control.cost import CostModel
+    from kimad.horovod import DIGEST_PREFIX_BYTES, ROW_BAND
+
+    compression = kimad.Kimad(nn.Linear(64, 64).named_parameters(), budget_s=1e-3)
+    cost = CostModel(bandwidth_bps=1e8, latency_s=1e-4, world_size=4, batched=True)
+    assert compression._kept_row(cost, 1e-3) is None  # no row yet
+    compression.world_size = 4  # (its rule; one real rank sends no bytes)
+    compression._row = (40_000, 1_000)  # 1 kB of dense float32 riding along
+    # the row's contents priced as the plan prices them: the dense part as dense, the rest (less the digest prefix
+    # and alignment) as top-k bytes
+    exact = cost.message_time("topk", 40_000 - 1_000 - DIGEST_PREFIX_BYTES - 3) + cost.message_time("dense32", 1_000)
+    row, riding, seconds = compression._kept_row(cost, exact)
+    assert (row, riding, seconds) == (40_000, 1_000, exact)
+    assert compression._kept_row(cost, seconds * ROW_BAND * 0.999)[2] == seconds  # at most ROW_BAND more: kept
+    assert compression._kept_row(cost, seconds * ROW_BAND * 1.01) is None  # much more: a new, larger row
+    assert compression._kept_row(cost, seconds * 0.99) is None  # less: the row no longer fits the budget
+    compression.world_size = 1
+    assert compression._kept_row(cost, seconds) is None
+
+
+def test_a_steps_allgather_row_holds_its_message_in_multiples_of_8_bytes(hvd):
+    model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 10))
+    compression = kimad.Kimad(model.named_parameters(), budget_s=1e-3)
+    for step in range(3):
+        grads_of(model, step)
+        run_step(compression, model)
+        m = compression.metrics
+        assert m["actual_bytes"] % 8 == 0 and m["actual_bytes"] >= m["predicted_bytes"]
+        assert m["row_kept"] is False  # one rank: nothing crosses a link, the budget prices no bytes
