@@ -39,7 +39,8 @@ needs all gradients at once (one plan for the whole step), so:
       plans from the same averaged profiles and samples, so the plans are identical
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
-      state; it starts from step b's histogram, so v is read twice per step, not three times) into the exact wire format of :mod:`kimad.compressors.topk`; QSGD and sign tensors with
+      state; it starts from step b's histogram, so v is read twice per step, not three times) into the exact
+      wire format of :mod:`kimad.compressors.topk`; QSGD and sign tensors with
       :func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode` (same state update; QSGD's draws
       keyed by step, tensor and rank) into the layout of :mod:`kimad.compressors.quant`, in buckets of
       ``DEFAULT_BUCKET`` elements; dense tensors (``v``) are concatenated into one float32 buffer;
@@ -58,10 +59,10 @@ needs all gradients at once (one plan for the whole step), so:
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
       ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs);
    g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_sum` (a
-      quantised one with :func:`kimad.ops.quant_decode_accumulate`) into the tensor's aggregate ``c`` (scaled by ``1 / size`` for Average; for EF21 in a buffer reused
-      across tensors and steps); dense tensors come from the allreduce, or from the ranks' gathered
-      dense buffers summed in rank order. EF21: the optimizer sees
-      (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
+      quantised one with :func:`kimad.ops.quant_decode_accumulate`) into the tensor's aggregate ``c``
+      (scaled by ``1 / size`` for Average; for EF21 in a buffer reused across tensors and steps); dense
+      tensors come from the allreduce, or from the ranks' gathered dense buffers summed in rank order.
+      EF21: the optimizer sees (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
 3. ``decompress`` returns the tensor's result, reshaped and cast to the gradient's dtype.
 
 Budget and batching (:meth:`~kimad.control.cost.CostModel.batched_byte_budget`): Kimad sends a whole
@@ -90,7 +91,6 @@ are not supported.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -297,6 +297,7 @@ class Kimad:
         self._last_samples: list[tuple[str, int, float]] = []
         # (bytes per rank, dense bytes riding in it) of the last step's allgather row (see _kept_row)
         self._row: tuple[int, int] | None = None
+        self._row_kept = False
         self.metrics: dict = {}
         self.metrics_path = metrics_path
         self.log_every = log_every
@@ -602,7 +603,8 @@ class Kimad:
             "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
                                  if "allgather" in link_s else None),
             "prev_link_agree_s": link_s.get("agree"), "link_samples": fed,
-            "row_kept": self._row_kept, "dense_route": self._dense_route, "probe": self.controller.probing, "hedge": self.controller.hedging,
+            "row_kept": self._row_kept, "dense_route": self._dense_route, "probe": self.controller.probing,
+            "hedge": self.controller.hedging,
             "plan_bandwidth_bps": self.controller.planned_bandwidth_bps,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
@@ -624,7 +626,8 @@ class Kimad:
                   f"{' OVER BUDGET' if plan.over_budget else ''}", flush=True)
 
     def _density_and_bits(self, entry) -> dict:
-        """``density``: fraction of the tensor's entries sent (k / n for top-k, else 1); ``bits``: message bits per element."""
+        """``density``: fraction of the tensor's entries sent (k / n for top-k, else 1); ``bits``: message bits per
+        element."""
         numel = self._params[self._order[entry.name]][1].numel()
         density = entry.k / numel if entry.fmt is MessageFormat.TOPK else 1.0
         return {"density": density, "bits": 8 * entry.bytes / numel}
