@@ -459,7 +459,7 @@ class Kimad:
         bytes_s, issued = cost.batched_byte_budget(
             [self._compressible(g.numel()) for g in grads], [g.numel() for g in grads], user_budget,
             self.min_byte_share)
-        row = self._kept_row(CostModel.from_estimate(self.controller.estimate(), world, batched=True), bytes_s)
+        row = self._kept_row(self.controller.cost_model(), bytes_s)  # (batched, as the plan prices)
         self.controller.budget.bytes_s = bytes_s if row is None else row[2]
         plan = self.controller.plan(profiles, step=self.step)
         if self.controller.hedging or self.controller.probing:
