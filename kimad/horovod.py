@@ -29,8 +29,10 @@ needs all gradients at once (one plan for the whole step), so:
       (and :func:`kimad.ops.quant_error_estimate` the QSGD 8/4/2-bit and sign errors, when offered); its
       histogram pass is kept (per tensor, in :class:`~kimad.feedback.ErrorFeedback`) for step d;
    c. ONE float64 allgather (name ``kimad.agree``; half the latency terms of a ring allreduce) of each
-      rank's profiles, its timings of the previous step's allgather and allreduce and its compute time;
-      every rank averages the rows in rank order, so all get bit-identical figures.
+      rank's profiles, its timings of the previous step's allgather and allreduce, its compute time and a
+      fingerprint of everything else its plan depends on (options, step, link estimate, budget, the step's
+      tensors: :meth:`Kimad._fingerprint`); ranks whose fingerprints differ all raise
+      :class:`PlanMismatchError` here. Every rank averages the rows in rank order, so all get bit-identical figures.
       A collective's time on a rank runs from its submission to completion, so it includes waiting for
       ranks that submitted later (compute skew); the rank that submitted last waited for nobody, so the
       MINIMUM over ranks is the link's time, and that is the sample every rank feeds to the
@@ -44,20 +46,24 @@ needs all gradients at once (one plan for the whole step), so:
       :func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode` (same state update; QSGD's draws
       keyed by step, tensor and rank) into the layout of :mod:`kimad.compressors.quant`, in buckets of
       ``DEFAULT_BUCKET`` elements; dense tensors (``v``) are concatenated into one float32 buffer;
-   e. ONE allgather (``kimad.sparse``) of this rank's top-k and quantised messages, prefixed by the first 8 bytes
+   e. ONE allgather (``kimad.sparse.<row bytes>``) of this rank's top-k and quantised messages, prefixed by the first 8 bytes
       of the plan digest and followed by the dense buffer when adding its bytes to the allgather costs
       less than a Sum allreduce of its own (always at 2 ranks; small buffers such as biases otherwise:
       a ring allreduce pays 2(n-1) latencies); else ONE Sum allreduce (``kimad.dense``) of the dense
-      buffer follows. While the step's byte budget holds last step's allgather row and exceeds it by at most
-      ``ROW_BAND``, the plan is priced to fill that row and the message is zero-padded to it: the allgather
-      keeps its shape, so Horovod's response cache holds it and the ranks skip the coordinator's
-      negotiation of a new shape. Each is timed from submission to completion; its bytes per rank are exact. Kimad waits
-      for its collectives with :func:`synchronize` (polls with short sleeps), not Horovod's own, which
+      buffer follows. The allgather's row (bytes per rank) is a size of a fixed geometric grid
+      (:func:`row_grid`, ``ROW_GRID_PERCENT`` apart): the plan is priced to fill the largest grid row the byte
+      budget holds and the message is zero-padded to the grid. Each row size has its own collective name, so
+      Horovod's response cache (keyed by name, holding one shape per name) holds every row size once seen, and the
+      ranks skip the coordinator's negotiation of the shape. Each collective is timed from submission to
+      completion; its bytes per rank are exact. Kimad waits for its collectives with :func:`synchronize` (polls with short sleeps), not Horovod's own, which
       spins and so takes a core from the ranks that are still working when ranks outnumber cores.
       Kimad's collectives do not overlap the backward pass (they run after it) and the skew between
       ranks is removed as in (c), so these timings are honest throughput samples;
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
-      ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs);
+      ranks raise :class:`PlanMismatchError` (all see the same gathered bytes, so all raise, none hangs). The
+      fingerprint (c) stops ranks with different options or state before their row sizes, and so their
+      collectives' names, can differ; this check catches plans that differ all the same (a bug: plans are
+      functions of the fingerprinted inputs and the agreed figures);
    g. each rank's top-k message is decoded and summed with :func:`kimad.ops.sparse_sum` (a
       quantised one with :func:`kimad.ops.quant_decode_accumulate`) into the tensor's aggregate ``c``
       (scaled by ``1 / size`` for Average; for EF21 in a buffer reused across tensors and steps); dense
@@ -90,6 +96,8 @@ are not supported.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import sys
 import time
@@ -118,14 +126,31 @@ _STATE_VERSION = 1
 # long wait (a rank idle while rank 0 evaluates) costs ~1,000 wake-ups a second, not 10,000.
 POLL_INTERVAL_S = 1e-4
 MAX_POLL_INTERVAL_S = 1e-3
-# The step's allgather keeps last step's row size while it fits (ROW_BAND): Horovod's response cache holds a
-# collective's shape under its name, and a new shape misses it, so the ranks negotiate through the coordinator
-# again (more latency-bound messages). A plan's bytes change a little every step, so without this every step
-# missed. Measured on 4 idle emulated ranks (benchmarks/ring_goodput.py): a new size each time took 2-3 ms more
-# at 20 Mbit/s (4 kB: 8.6 ms against 5.4) and 1.1-1.7x as long at 100 Mbit/s (30 kB: 21.7 ms against 12.5);
-# and the estimator, whose small agree allgather (the same size every step) pins the latency, read the overhead
-# of the data allgather as a slower link.
-ROW_BAND = 1.08  # a plan targets last step's row while the byte budget holds it and is at most 8% more
+# The step's allgather row is a size of a fixed grid, and each size has its own collective name: Horovod's response
+# cache holds a collective's shape under its name, and a new shape under a known name misses it, so the ranks
+# negotiate through the coordinator again (more latency-bound messages). Measured on 4 idle emulated ranks
+# (benchmarks/ring_goodput.py): a new size each time took 2-3 ms more at 20 Mbit/s (4 kB: 8.6 ms against 5.4) and
+# 1.1-1.7x as long at 100 Mbit/s (30 kB: 21.7 ms against 12.5); and the estimator, whose small agree allgather
+# (the same size every step) pins the latency, read that overhead as a slower link. A plan's bytes change a little
+# every step, so with one name nearly every step missed; keeping last step's size within a band (session 11) kept
+# it on 9-59% of steps. On the grid a plan loses on average half a grid step of its byte budget (2.5%).
+ROW_GRID_PERCENT = 5  # consecutive grid rows are this many percent apart (at least 8 bytes)
+_ROW_GRID = [8]
+
+
+def row_grid(nbytes: int, *, up: bool = True) -> int:
+    """The allgather row grid's size at or above ``nbytes`` (``up``), or at or below it (at least 8): sizes from
+    8 bytes up, each ``ROW_GRID_PERCENT`` percent (rounded down to a multiple of 8, at least 8) above the last.
+    Built with integers only, so every rank on every machine has the same grid."""
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise KimadError(f"a row holds an int >= 0 of bytes, got {nbytes!r}")
+    while _ROW_GRID[-1] < nbytes:
+        last = _ROW_GRID[-1]
+        _ROW_GRID.append(last + max(8, last * ROW_GRID_PERCENT // 100 // 8 * 8))
+    i = bisect.bisect_left(_ROW_GRID, nbytes)
+    if up or _ROW_GRID[i] == nbytes:
+        return _ROW_GRID[i]
+    return _ROW_GRID[max(i - 1, 0)]
 
 
 def synchronize(handle):
@@ -215,7 +240,8 @@ class Kimad:
             (collectives, this rank's wall time; ``actual_comm_s`` = allgather + allreduce; ``agree_bytes``
             the agree allgather's bytes per rank), ``framing`` (the estimate's), ``dense_route``
             (``"allgather"`` when the dense tensors rode in the allgather, ``"allreduce"``, or ``None``),
-            ``row_kept`` (whether the allgather kept last step's row size, see ``ROW_BAND``),
+            ``row`` (the allgather's bytes per rank, a size of :func:`row_grid`), ``row_cached`` (whether an
+            earlier step of this process gathered that row size, so Horovod's response cache holds its shape),
             ``hedge`` (whether the plan priced a link that had just turned much slower at the rate its slow
             collective showed), ``probe`` (whether the plan priced a faster link it had just found at
             ``probe_factor`` times its estimate: :class:`kimad.control.Controller`), ``plan_bandwidth_bps`` (the
@@ -243,6 +269,7 @@ class Kimad:
                  framing: float = TCP_ETHERNET_FRAMING, min_byte_share: float = 0.5, fill_budget: bool = True,
                  metrics_path: str | None = None, log_every: int = 0, tensorboard_dir: str | None = None) -> None:
         compressors = tuple(compressors)
+        densities = None if densities is None else tuple(densities)
         unknown = [c for c in compressors if c not in SUPPORTED_COMPRESSORS]
         if unknown:
             raise KimadError(f"compressor(s) {unknown} are not supported by the Horovod plugin; "
@@ -273,6 +300,9 @@ class Kimad:
                                      min_compress_numel=min_compress_numel, estimator=estimator, batched=True,
                                      fill=fill_budget)
         self.budget = self.controller.budget  # the user's: FixedBudget or AutoBudget
+        # the options a plan depends on, in every step's fingerprint (_fingerprint)
+        self._options = repr((self.budget, allocator, compressors, error_feedback, densities, min_compress_numel,
+                              bandwidth_bps, latency_s, framing, self.min_byte_share, fill_budget))
         self.controller.budget = _BytesBudget(self.budget)
         if op is None:
             op = hvd.Average
@@ -295,9 +325,10 @@ class Kimad:
         self._last_end: float | None = None
         # ("allgather" | "allreduce" | "agree", bytes per rank, seconds) of the last step's collectives
         self._last_samples: list[tuple[str, int, float]] = []
-        # (bytes per rank, dense bytes riding in it) of the last step's allgather row (see _kept_row)
+        # (bytes per rank, dense bytes riding in it) of the last step's allgather row (see _target_row)
         self._row: tuple[int, int] | None = None
-        self._row_kept = False
+        self._rows_seen: set[int] = set()  # row sizes this process has gathered (Horovod's cache holds them)
+        self._row_cached = False
         self.metrics: dict = {}
         self.metrics_path = metrics_path
         self.log_every = log_every
@@ -419,6 +450,7 @@ class Kimad:
         compute_s = started - self._last_end if self._last_end is not None else 0.0
         slots = ("allgather", "allreduce", "agree")
         agree += [timings.get(k, (0, 0.0))[1] for k in slots] + [compute_s, 1.0 if have_prev else 0.0]
+        agree.append(self._fingerprint(names, grads))
         t0 = time.perf_counter()
         profile_s = t0 - t_profile
         # An allgather, not an allreduce: half the latency terms of a ring allreduce, and every rank sees every
@@ -426,6 +458,12 @@ class Kimad:
         rows = synchronize(hvd.allgather_async(torch.tensor([agree], dtype=torch.float64), name="kimad.agree"))
         agree_s = time.perf_counter() - t0
         agree_bytes = 8 * len(agree)
+        if not bool((rows[:, -1] == rows[0, -1]).all()):
+            raise PlanMismatchError(
+                f"plan mismatch at step {self.step} on rank {self.rank}: the ranks' plan inputs differ (fingerprints "
+                f"{[int(f) for f in rows[:, -1].tolist()]} by rank; options, parameters, step, link estimate or "
+                "budget). Every rank must use the same Kimad options and parameters (and load the same state)")
+        rows = rows[:, :-1]
         profile_values = (rows[:, : -len(slots) - 2].sum(0) / world).tolist()
         per_rank_s = rows[:, -len(slots) - 2: -2]
         avg_compute_s = float(rows[:, -2].sum()) / world
@@ -459,11 +497,10 @@ class Kimad:
         bytes_s, issued = cost.batched_byte_budget(
             [self._compressible(g.numel()) for g in grads], [g.numel() for g in grads], user_budget,
             self.min_byte_share)
-        row = self._kept_row(self.controller.cost_model(), bytes_s)  # (batched, as the plan prices)
-        self.controller.budget.bytes_s = bytes_s if row is None else row[2]
+        target = self._target_row(self.controller.cost_model(), bytes_s,  # (batched, as the plan prices)
+                                  4 * sum(g.numel() for g in grads))
+        self.controller.budget.bytes_s = bytes_s if target is None else target[1]
         plan = self.controller.plan(profiles, step=self.step)
-        if self.controller.hedging or self.controller.probing:
-            row = None  # priced at another rate than the row was: padding to it could overrun the budget
         digest = plan.digest()
         t_encode = time.perf_counter()
         plan_s = t_encode - t_plan
@@ -500,18 +537,19 @@ class Kimad:
             dense_start = message + (-message % 4)
             sparse.append(buffer.view(torch.uint8))
             message = dense_start + 4 * buffer.numel()
-        # last step's row when the message fits it (padded with zeros), else the message's own size
-        per_rank = row[0] if row is not None and message <= row[0] else message + (-message % 8)
+        # the grid's row at or above the message (zero-padded): the target row when the plan filled it
+        per_rank = row_grid(message)
         sparse.append(torch.zeros(per_rank - message, dtype=torch.uint8))
         send = torch.cat(sparse)
         self._row = (per_rank, 4 * buffer.numel() if rides else 0)
-        self._row_kept = row is not None and per_rank == row[0]
-        # the padding's time (a few bytes, or what the plan left of the row it was priced to fill)
+        self._row_cached = per_rank in self._rows_seen
+        self._rows_seen.add(per_rank)
+        # the padding's time (what the plan left of the row it was priced to fill, or up to a grid step)
         predicted_comm_s = plan.total_time_s + issued + (
             cost.allgather(per_rank) - cost.allgather(message) if world > 1 else 0.0)
         t0 = time.perf_counter()
         encode_s = t0 - t_encode
-        gathered = synchronize(hvd.allgather_async(send, name="kimad.sparse"))
+        gathered = synchronize(hvd.allgather_async(send, name=f"kimad.sparse.{per_rank}"))
         gather_s = time.perf_counter() - t0
         self._verify(gathered, prefix, per_rank, plan)
         samples = [("allgather", per_rank, gather_s)]
@@ -558,17 +596,36 @@ class Kimad:
         self._last_end = ended
         self.step += 1
 
-    def _kept_row(self, cost: CostModel, bytes_s: float) -> tuple[int, int, float] | None:
-        """``(row bytes, dense bytes riding in it, seconds)``: last step's allgather row and the seconds its
-        contents are priced at by the batched ``cost`` (its dense part as the plan prices dense tensors, the rest
-        as top-k bytes, less the digest prefix and alignment), when the step's byte budget ``bytes_s`` holds it and
-        is at most ``ROW_BAND`` times that; else ``None`` (the plan gets the whole budget and sets a new row)."""
-        if self._row is None or self.world_size == 1:
+    def _target_row(self, cost: CostModel, bytes_s: float, dense_bytes: int) -> tuple[int, float] | None:
+        """``(row bytes, seconds)``: the largest row of :func:`row_grid` whose contents the batched ``cost``
+        prices at most ``bytes_s`` (the dense bytes that rode in last step's row priced as the plan prices dense
+        tensors, the rest as top-k bytes, less the digest prefix and alignment), and that price. ``None`` (the
+        plan gets the whole budget) when one rank sends nothing over a link, when no row fits, or when the budget
+        holds a row of ``dense_bytes`` (all the step's tensors dense) as well."""
+        if self.world_size == 1:
             return None
-        row, riding = self._row
-        sparse = max(0, row - riding - DIGEST_PREFIX_BYTES - 3)
-        seconds = cost.message_time(MessageFormat.TOPK, sparse) + cost.message_time(MessageFormat.DENSE32, riding)
-        return (row, riding, seconds) if bytes_s / ROW_BAND <= seconds <= bytes_s else None
+        riding = 0 if self._row is None else self._row[1]
+        dense_s = cost.message_time(MessageFormat.DENSE32, riding)
+
+        def seconds(row: int) -> float:
+            return cost.message_time(MessageFormat.TOPK, max(0, row - riding - DIGEST_PREFIX_BYTES - 3)) + dense_s
+
+        top = row_grid(dense_bytes + DIGEST_PREFIX_BYTES + 8)
+        if not seconds(_ROW_GRID[0]) <= bytes_s or seconds(top) <= bytes_s:
+            return None
+        # prices rise with the row: the insertion point of bytes_s among the rows' prices, less one
+        i = bisect.bisect_right(_ROW_GRID, bytes_s, hi=bisect.bisect_left(_ROW_GRID, top), key=seconds) - 1
+        return _ROW_GRID[i], seconds(_ROW_GRID[i])
+
+    def _fingerprint(self, names: list[str], grads: list[torch.Tensor]) -> float:
+        """48 bits (exact in float64) of a hash of what this rank's plan depends on besides the figures the ranks
+        agree on: its options, step, last step's row, link estimate and budget, and the step's tensors and op.
+        Ranks whose fingerprints differ would plan differently, and so gather rows of different sizes under
+        different names and wait for each other forever: :meth:`_run_step` stops them first."""
+        est = self.controller.estimate()
+        text = repr((self._options, self.step, self._row, est.bandwidth_bps, est.latency_s, self.budget.budget_s(),
+                     str(self._op), [(n, g.numel()) for n, g in zip(names, grads)]))
+        return float(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=6).digest(), "big"))
 
     def _verify(self, gathered: torch.Tensor, prefix: torch.Tensor, per_rank: int, plan: Plan) -> None:
         expected = self.world_size * per_rank
@@ -603,8 +660,8 @@ class Kimad:
             "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
                                  if "allgather" in link_s else None),
             "prev_link_agree_s": link_s.get("agree"), "link_samples": fed,
-            "row_kept": self._row_kept, "dense_route": self._dense_route, "probe": self.controller.probing,
-            "hedge": self.controller.hedging,
+            "row": self._row[0], "row_cached": self._row_cached, "dense_route": self._dense_route,
+            "probe": self.controller.probing, "hedge": self.controller.hedging,
             "plan_bandwidth_bps": self.controller.planned_bandwidth_bps,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,
@@ -691,4 +748,4 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters, **o
     return wrapped
 
 
-__all__ = ["DistributedOptimizer", "Kimad", "PlanMismatchError", "UnknownGradientError"]
+__all__ = ["DistributedOptimizer", "Kimad", "PlanMismatchError", "UnknownGradientError", "row_grid"]

@@ -20,7 +20,8 @@ message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the
 ``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), ``prev_link_comm_s`` and
 ``prev_link_agree_s`` (the previous step's link times), ``agree_bytes`` (this step's agree message),
 ``link_samples`` (the ``[collective, bytes per rank, seconds]`` samples the step fed Kimad's estimator),
-``row_kept`` (whether its allgather kept the previous step's size, so Horovod's cached negotiation held),
+``row`` (the allgather's bytes per rank, a size of ``kimad.horovod.row_grid``) and ``row_cached`` (whether an
+earlier step gathered that size, so Horovod's cached negotiation held),
 ``probe`` (whether the plan probed a faster link), ``hedge`` (whether it was priced at a slow collective's
 rate), ``plan_bandwidth_bps`` (the bandwidth the plan was priced at), ``density`` (per tensor: fraction of
 entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry.update(bytes=m["actual_bytes"], bandwidth_bps=m["bandwidth_bps"], latency_s=m["latency_s"],
                              budget_s=m["budget_s"], comm_s=m["actual_comm_s"],
                              prev_link_comm_s=m["prev_link_comm_s"], prev_link_agree_s=m["prev_link_agree_s"],
-                             agree_bytes=m["agree_bytes"], link_samples=m["link_samples"], row_kept=m["row_kept"],
+                             agree_bytes=m["agree_bytes"], link_samples=m["link_samples"], row=m["row"],
+                             row_cached=m["row_cached"],
                              probe=m["probe"], hedge=m["hedge"],
                              plan_bandwidth_bps=m["plan_bandwidth_bps"],
                              issued_latency_s=m["issued_latency_s"],

@@ -76,7 +76,7 @@ def main() -> int:
     opt = kimad.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                              named_parameters=model.named_parameters(), budget_s=budget,
                                              allocator="layerwise", compressors=("topk",), error_feedback="ef21")
-    ratios, nbytes, predicted, probes, hedges, unlogged, kept = [], [], [], [], [], [], []
+    ratios, nbytes, predicted, probes, hedges, unlogged, cached = [], [], [], [], [], [], []
     prev = None
     for step in range(args.warmup + args.steps):
         g = torch.Generator().manual_seed(100 * step + rank)
@@ -91,7 +91,7 @@ def main() -> int:
             nbytes.append(m["actual_bytes"])
             predicted.append(None if m["over_budget"] else m["predicted_comm_s"] / budget)
         unlogged += [step] if link_samples_disagree(m, prev) else []
-        kept += [step] if m["row_kept"] else []
+        cached += [step] if m["row_cached"] else []
         prev = m
         probes += [step] if m["probe"] else []
         hedges += [step] if m["hedge"] else []
@@ -103,7 +103,7 @@ def main() -> int:
               "median_bytes": statistics.median(nbytes), "dense_bytes": 4 * numel,
               "bandwidth_bps": opt.kimad.metrics["bandwidth_bps"],
               "latency_s": opt.kimad.metrics["latency_s"], "probe_steps": probes, "hedge_steps": hedges,
-              "link_samples_disagree": unlogged, "row_kept_share": len(kept) / (args.warmup + args.steps)}
+              "link_samples_disagree": unlogged, "row_cached_share": len(cached) / (args.warmup + args.steps)}
     if rank == 0:
         print("kimad budget: " + json.dumps(result), flush=True)
     hvd.shutdown()
