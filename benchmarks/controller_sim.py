@@ -50,7 +50,8 @@ WORLD_SIZE = 4
 LATENCY_S = 100e-6
 NOISE = 0.10  # relative timing noise, uniform in [-NOISE, NOISE]
 # Small messages too, as a real step's biases and norms give: without them the latency is not identified.
-PROBE_SIZES = (("allreduce", 4 << 10), ("allgather", 16 << 10), ("allreduce", 64 << 10), ("allreduce", 4 << 20), ("allgather", 256 << 10), ("allgather", 2 << 20))
+PROBE_SIZES = (("allreduce", 4 << 10), ("allgather", 16 << 10), ("allreduce", 64 << 10), ("allreduce", 4 << 20),
+               ("allgather", 256 << 10), ("allgather", 2 << 20))
 BUDGET_DENSE_FRACTION = 0.10  # the budget affords this fraction of the model's dense bytes at the median bandwidth
 SEED = 0
 
@@ -313,9 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         s["record_s"], s["total_s"], s["png"] = t_rec, time.perf_counter() - t0, str(png)
         summaries.append(s)
     print(f"\nbudget = cheapest latencies + {BUDGET_DENSE_FRACTION:.0%} of dense bytes at the median bandwidth; "
-          f"static top-k density {args.static_density:g}; {args.steps} steps; estimator half-life {args.half_life:g} steps")
+          f"static top-k density {args.static_density:g}; {args.steps} steps; "
+          f"estimator half-life {args.half_life:g} steps")
     header = (f"{'model':<17} {'params':>8} {'budget ms':>9} {'uniform':>8} {'layerwise':>9} {'static':>8} "
-              f"{'lw/uni@eq':>9} {'bytes eq':>8} {'est MdAPE':>9} {'alpha us':>8} {'static>B':>8} {'lw true>1.1B':>12} {'lw true max/B':>13}")
+              f"{'lw/uni@eq':>9} {'bytes eq':>8} {'est MdAPE':>9} {'alpha us':>8} {'static>B':>8} "
+              f"{'lw true>1.1B':>12} {'lw true max/B':>13}")
     print(header)
     print("-" * len(header))
     for s in summaries:
@@ -327,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['layerwise_true_over_budget_steps']:>12} {s['layerwise_true_over_budget_max']:>13.2f}")
     print("\ncolumns: mean relative error (sum err / sum ||g||^2) per method; lw/uni@eq = mean error ratio of "
           "layerwise planned at uniform's predicted time over uniform; bytes eq = their byte ratio; est MdAPE = "
-          "estimator's median |est - true| / true; alpha us = median estimated latency (true 100); static>B = steps the static plan exceeds the budget (predicted); lw true>1.1B = steps the layerwise plan's "
+          "estimator's median |est - true| / true; alpha us = median estimated latency (true 100); static>B = "
+          "steps the static plan exceeds the budget (predicted); lw true>1.1B = steps the layerwise plan's "
           "true time at the trace exceeds 1.1x the budget; lw true max/B = its worst true time / budget")
     for s in summaries:
         print(f"{s['png']}  (recording {s['record_s']:.1f} s, total {s['total_s']:.1f} s)")

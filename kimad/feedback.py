@@ -41,7 +41,8 @@ class ErrorFeedback:
         self.mode = mode
         self.local: dict[str, torch.Tensor] = {}  # h (EF21) or e (EF)
         self.global_estimate: dict[str, torch.Tensor] = {}  # H (EF21 only)
-        self._scratch: torch.Tensor | None = None  # where c is summed: float32, the largest tensor's size, kept all zero
+        # where c is summed: float32, the largest tensor's size, kept all zero
+        self._scratch: torch.Tensor | None = None
         # The last error profile per name and the state it read, until that tensor's encode reuses its histogram;
         # and per name the profile's native histogram buffer, refilled each step (no allocation after the first).
         self._profiles: dict[str, tuple[ops.TopKProfile, torch.Tensor]] = {}

@@ -43,7 +43,7 @@ def sparse_accumulate(
         KimadError: wrong dtype, device or shape.
         CorruptMessageError: an index lies outside ``[0, out.numel())``; ``out`` is unchanged.
     """
-    if not isinstance(out, torch.Tensor) or not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
+    if not all(isinstance(t, torch.Tensor) for t in (out, values, indices)):
         raise KimadError(f"sparse_accumulate for {name!r}: out, values and indices must be torch tensors")
     if out.dtype != torch.float32:
         raise KimadError(f"sparse_accumulate for {name!r}: out must be float32, got {out.dtype}")
@@ -183,9 +183,11 @@ def sparse_sum(
             raise CorruptMessageError(f"message {rank} for {name!r} has {values.numel():,} values but "
                                       f"{indices.numel():,} indices")
         if not values.is_floating_point():
-            raise KimadError(f"sparse_sum for {name!r}: message {rank} values must be floating point, got {values.dtype}")
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} values must be floating point, "
+                             f"got {values.dtype}")
         if indices.dtype not in (torch.int32, torch.int64):
-            raise KimadError(f"sparse_sum for {name!r}: message {rank} indices must be int32 or int64, got {indices.dtype}")
+            raise KimadError(f"sparse_sum for {name!r}: message {rank} indices must be int32 or int64, "
+                             f"got {indices.dtype}")
         if values.device != out.device or indices.device != out.device:
             raise KimadError(f"sparse_sum for {name!r}: message {rank} ({values.device}, {indices.device}) is not on "
                              f"out's device ({out.device})")
@@ -372,13 +374,13 @@ def topk_profile(
     """Squared top-k errors ``||v - TopK_k(v)||^2`` for several k at once; the state is unchanged.
 
     ``v`` is formed as in :func:`topk_encode`. Exact at ``k = 0`` (``||v||^2``, always exact) and
-    ``k = numel`` (0), for tensors of fewer than :data:`TOPK_SMALL_NUMEL` (4096) elements (sorted squares), and when ``ks``
-    is empty (one pass summing squares). Otherwise from one histogram pass over the top 16 bits of
-    the float32 keys of ``|v|``, each unsent entry counted as the largest ``|v|`` of its bin: never
+    ``k = numel`` (0), for tensors of fewer than :data:`TOPK_SMALL_NUMEL` (4096) elements (sorted squares),
+    and when ``ks`` is empty (one pass summing squares). Otherwise from one histogram pass over the top 16
+    bits of the float32 keys of ``|v|``, each unsent entry counted as the largest ``|v|`` of its bin: never
     an underestimate, and above the exact error by less than a factor ``1 + 2^-6 + 2^-14``
     (values within one bin differ by less than a factor ``1 + 2^-7``; entries below ``2^-126``
-    add less than ``2^-252`` each), and never above ``||v||^2``. On the CPU the histogram is kept for :func:`topk_encode`
-    (``profile=``), which then skips that pass.
+    add less than ``2^-252`` each), and never above ``||v||^2``. On the CPU the histogram is kept for
+    :func:`topk_encode` (``profile=``), which then skips that pass.
 
     Args:
         grad, state, mode, name: as for :func:`topk_encode` (state is only read).

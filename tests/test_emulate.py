@@ -243,7 +243,8 @@ def test_an_exception_inside_the_cluster_still_tears_it_down():
 def test_a_signal_to_the_cli_kills_ranks_and_tears_down(tmp_path, signum, code):
     needs_root()
     marker = tmp_path / "pid"
-    rank = f"import os, time; open('{marker}' + os.environ['HOROVOD_RANK'], 'w').write(str(os.getpid())); time.sleep(120)"
+    rank = (f"import os, time; open('{marker}' + os.environ['HOROVOD_RANK'], 'w').write(str(os.getpid())); "
+            "time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-m", "kimad.emulate", "--nodes", "2", "--", sys.executable, "-c", rank],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -319,7 +320,9 @@ def test_check_mode_prints_requested_and_measured_rates():
 # datagrams (no congestion control: the node's queue stays as full as its socket buffer lets it) for 6 s.
 _ECHO_SERVER = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2]))); print("ready", flush=True)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
 while True:
     data, peer = s.recvfrom(2048)
     if len(data) < 100: s.sendto(b"k", peer)

@@ -251,7 +251,8 @@ def test_a_corrupt_message_leaves_nothing_behind_for_the_next_decode():
     with pytest.raises(CorruptMessageError):
         fb.estimate_topk("w", [(torch.ones(2), torch.tensor([3, 1000], dtype=torch.int32))], torch.zeros(1000), 1.0)
     results = [(f.estimate_quantized("q", [good, good], torch.zeros(1000), 0.5, fmt="qsgd", bits=8, bucket=512),
-                f.estimate_topk("s", [(torch.ones(2), torch.tensor([3, 7], dtype=torch.int32))], torch.zeros(1000), 1.0))
+                f.estimate_topk("s", [(torch.ones(2), torch.tensor([3, 7], dtype=torch.int32))], torch.zeros(1000),
+                                1.0))
                for f in (fb, fresh)]
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert float(results[0][1].sum()) == 2.0 and float(results[0][0].abs().sum()) > 0

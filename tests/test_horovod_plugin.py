@@ -209,7 +209,8 @@ def test_tensorboard_dir_gets_every_steps_scalars_and_per_tensor_density_and_bit
 
 
 def test_tensorboard_dir_without_the_tensorboard_package_is_a_clear_error(hvd, monkeypatch):
-    for module in [m for m in sys.modules if m == "tensorboard" or m.startswith(("tensorboard.", "torch.utils.tensorboard"))]:
+    for module in [m for m in sys.modules
+                   if m == "tensorboard" or m.startswith(("tensorboard.", "torch.utils.tensorboard"))]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
     with pytest.raises(KimadError, match="needs the tensorboard package"):

@@ -1,4 +1,5 @@
-"""The top-k wire codec (kimad.compressors.topk): exact sizes, exact layout, lossless round trip, corrupt input rejected."""
+"""The top-k wire codec (kimad.compressors.topk): exact sizes, exact layout, lossless round trip, corrupt input
+rejected."""
 
 import struct
 

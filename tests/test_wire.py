@@ -14,7 +14,8 @@ def test_dense_formats_have_no_header():
     assert message_bytes("dense32", 0) == 0
 
 
-@pytest.mark.parametrize("n, k", [(0, 0), (1, 1), (1000, 0), (1000, 10), (1000, 31), (1000, 32), (1000, 1000), (10**7, 10**5)])
+@pytest.mark.parametrize("n, k", [(0, 0), (1, 1), (1000, 0), (1000, 10), (1000, 31), (1000, 32), (1000, 1000),
+                                  (10**7, 10**5)])
 def test_topk_sends_values_plus_the_smaller_of_indices_and_bitmap(n, k):
     expected = HEADER_BYTES + 4 * k + min(4 * k, math.ceil(n / 8))
     assert message_bytes("topk", n, k=k) == expected

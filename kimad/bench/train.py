@@ -282,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             step_count += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if rank == 0 and bar.disable and (step + 1) % args.log_every == 0:
-                print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {loss.item():.3f}", flush=True)
-            # Rank 0's clock decides for everyone (one tiny broadcast), so all ranks enter an evaluation and stop together.
+                print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {loss.item():.3f}",
+                      flush=True)
+            # Rank 0's clock decides for everyone (one tiny broadcast), so all ranks enter an evaluation and stop
+            # together.
             train_s = time.perf_counter() - started - eval_s
             flags = torch.tensor([int(args.eval_every_s > 0 and train_s >= next_eval),
                                   int(args.max_seconds > 0 and train_s >= args.max_seconds)], dtype=torch.int32)

@@ -139,7 +139,8 @@ class Cluster:
                                f"got {congestion_controls!r}")
         self.congestion_controls = tuple(congestion_controls)
         self.nodes = nodes
-        self.trace = trace if isinstance(trace, tuple) else load_trace(trace, nodes, rate_mbit, duration_s, period_s, seed)
+        self.trace = (trace if isinstance(trace, tuple)
+                      else load_trace(trace, nodes, rate_mbit, duration_s, period_s, seed))
         self.rates = initial_rates(self.trace, nodes)
         self.delay_ms, self.loss_pct = float(delay_ms), float(loss_pct)
         self.log_path = Path(log_path) if log_path is not None else None
