@@ -37,8 +37,12 @@ needs all gradients at once (one plan for the whole step), so:
       ranks that submitted later (compute skew); the rank that submitted last waited for nobody, so the
       MINIMUM over ranks is the link's time, and that is the sample every rank feeds to the
       :class:`~kimad.control.Controller`. The agree allgather of the previous step is such a sample
-      too: being small, it pins the latency while the step's allgather pins the bandwidth. Every rank
-      plans from the same averaged profiles and samples, so the plans are identical
+      too: being small, it pins the latency while the step's allgather pins the bandwidth. The dense
+      allreduce (e) is timed but not fed: it starts right after the allgather, which ranks leave at different
+      times, so the rank that starts it last finds its peers' first segments already sent and the minimum
+      understates the link's time (4 emulated ranks, 100 Mbit/s: its samples implied 1.3-1.9x the shaped
+      rate, the allgathers' 1.0-1.1x; timed alone, by ``benchmarks/ring_goodput.py``, an allreduce gets 0.9x).
+      Every rank plans from the same averaged profiles and samples, so the plans are identical
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
       state; it starts from step b's histogram, so v is read twice per step, not three times) into the exact
@@ -46,17 +50,18 @@ needs all gradients at once (one plan for the whole step), so:
       :func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode` (same state update; QSGD's draws
       keyed by step, tensor and rank) into the layout of :mod:`kimad.compressors.quant`, in buckets of
       ``DEFAULT_BUCKET`` elements; dense tensors (``v``) are concatenated into one float32 buffer;
-   e. ONE allgather (``kimad.sparse.<row bytes>``) of this rank's top-k and quantised messages, prefixed by the first 8 bytes
-      of the plan digest and followed by the dense buffer when adding its bytes to the allgather costs
-      less than a Sum allreduce of its own (always at 2 ranks; small buffers such as biases otherwise:
-      a ring allreduce pays 2(n-1) latencies); else ONE Sum allreduce (``kimad.dense``) of the dense
-      buffer follows. The allgather's row (bytes per rank) is a size of a fixed geometric grid
+   e. ONE allgather (``kimad.sparse.<row bytes>``) of this rank's top-k and quantised messages, prefixed by
+      the first 8 bytes of the plan digest and followed by the dense buffer when adding its bytes to the
+      allgather costs less than a Sum allreduce of its own (always at 2 ranks; small buffers such as biases
+      otherwise: a ring allreduce pays 2(n-1) latencies); else ONE Sum allreduce (``kimad.dense.<elements>``)
+      of the dense buffer follows. The allgather's row (bytes per rank) is a size of a fixed geometric grid
       (:func:`row_grid`, ``ROW_GRID_PERCENT`` apart): the plan is priced to fill the largest grid row the byte
       budget holds and the message is zero-padded to the grid. Each row size has its own collective name, so
       Horovod's response cache (keyed by name, holding one shape per name) holds every row size once seen, and the
       ranks skip the coordinator's negotiation of the shape. Each collective is timed from submission to
-      completion; its bytes per rank are exact. Kimad waits for its collectives with :func:`synchronize` (polls with short sleeps), not Horovod's own, which
-      spins and so takes a core from the ranks that are still working when ranks outnumber cores.
+      completion; its bytes per rank are exact. Kimad waits for its collectives with :func:`synchronize` (polls
+      with short sleeps), not Horovod's own, which spins and so takes a core from the ranks that are still
+      working when ranks outnumber cores.
       Kimad's collectives do not overlap the backward pass (they run after it) and the skew between
       ranks is removed as in (c), so these timings are honest throughput samples;
    f. every rank checks every rank's digest prefix in the gathered bytes; any mismatch makes all
@@ -475,11 +480,11 @@ class Kimad:
                 # The rank that submitted last waited for nobody: its time is the link's (the others' include
                 # the compute skew of the slowest rank). Every rank takes the same minimum.
                 link_s[kind] = float(per_rank_s[:, i].min())
-                # One rank has no link to measure (and the estimator cannot fit zero samples after a step).
-                if not self.fixed_link and world > 1:
-                    collective = "allreduce" if kind == "allreduce" else "allgather"
-                    self.controller.observe_collective(collective, timings[kind][0], link_s[kind], self.step)
-                    fed.append([collective, timings[kind][0], link_s[kind]])
+                # One rank has no link to measure (and the estimator cannot fit zero samples after a step). The
+                # dense allreduce's minimum understates the link's time (module docstring, c): not fed.
+                if not self.fixed_link and world > 1 and kind != "allreduce":  # (agree is an allgather too)
+                    self.controller.observe_collective("allgather", timings[kind][0], link_s[kind], self.step)
+                    fed.append(["allgather", timings[kind][0], link_s[kind]])
             self.controller.observe_compute(avg_compute_s)
         else:
             avg_compute_s = None
@@ -563,7 +568,8 @@ class Kimad:
                 dense_sum += dense_rows[r]
         elif buffer is not None:
             t0 = time.perf_counter()
-            dense_sum = synchronize(hvd.allreduce_async(buffer, op=hvd.Sum, name="kimad.dense"))
+            # named by size as the allgather is: Horovod's cache holds each set of dense tensors' shape once seen
+            dense_sum = synchronize(hvd.allreduce_async(buffer, op=hvd.Sum, name=f"kimad.dense.{buffer.numel()}"))
             samples.append(("allreduce", 4 * buffer.numel(), time.perf_counter() - t0))
 
         # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.

@@ -45,14 +45,16 @@ def dense_allreduce_s(numel: int, repeats: int) -> tuple[float, float]:
 
 def link_samples_disagree(m: dict, prev: dict | None) -> bool:
     """Whether the step's ``link_samples`` (what it fed the estimator) disagree with the previous step's
-    collectives: its data collectives (bytes, and link seconds = ``prev_link_comm_s``) then its agree allgather."""
+    collectives: its data allgather (its row's bytes, and link seconds = ``prev_link_comm_s`` when no dense
+    allreduce followed it: that one is timed, not fed) then its agree allgather."""
     samples = m["link_samples"]
     if prev is None:
         return samples != []
     *data, agree = samples
-    return not (sum(b for _, b, _ in data) == prev["actual_bytes"]
-                and math.isclose(sum(s for _, _, s in data), m["prev_link_comm_s"], rel_tol=1e-9)
-                and agree == ["allgather", prev["agree_bytes"], m["prev_link_agree_s"]])
+    data_ok = [(c, b) for c, b, _ in data] == [("allgather", prev["row"])]
+    if prev["dense_route"] != "allreduce":
+        data_ok = data_ok and math.isclose(sum(s for _, _, s in data), m["prev_link_comm_s"], rel_tol=1e-9)
+    return not (data_ok and agree == ["allgather", prev["agree_bytes"], m["prev_link_agree_s"]])
 
 
 def main() -> int:

@@ -108,6 +108,7 @@ def main() -> int:
     my_opt = hvd.DistributedOptimizer(make_opt(mine, args), named_parameters=mine.named_parameters(),
                                       compression=compression, op=op, backward_passes_per_step=args.bpps,
                                       groups=args.groups)
+    routes_seen = []
     for step in range(args.steps):
         expected = train_step(ref, ref_opt, step, args, dtype, args.keep_grads)
         got = train_step(mine, my_opt, step, args, dtype, args.keep_grads)
@@ -122,7 +123,14 @@ def main() -> int:
         # Two ranks: gathering the dense buffer costs no more than allreducing it; a 1 s latency makes it ride.
         if hvd.size() == 2 or args.ride:
             assert compression.metrics["dense_route"] == "allgather", compression.metrics["dense_route"]
+        if step > 0 and routes_seen[-1] == "allreduce":  # the dense allreduce is timed but not fed
+            assert [s[0] for s in compression.metrics["link_samples"]] == ["allgather", "allgather"], \
+                compression.metrics["link_samples"]
+            assert compression.metrics["prev_link_comm_s"] > compression.metrics["link_samples"][0][2]
+        routes_seen.append(compression.metrics["dense_route"])
     routes = {"dense": compression.metrics["dense_route"]}
+    if hvd.size() > 2 and not args.ride:  # (so the check that the allreduce is not fed above ran)
+        assert routes_seen.count("allreduce") >= 2, routes_seen
     assert "frozen.weight" not in compression.metrics["tensors"]
 
     # The same configuration compressed: top-k + EF21 at a tiny budget (fixed link model).
