@@ -246,7 +246,9 @@ class Kimad:
             the agree allgather's bytes per rank), ``framing`` (the estimate's), ``dense_route``
             (``"allgather"`` when the dense tensors rode in the allgather, ``"allreduce"``, or ``None``),
             ``row`` (the allgather's bytes per rank, a size of :func:`row_grid`), ``row_cached`` (whether an
-            earlier step of this process gathered that row size, so Horovod's response cache holds its shape),
+            earlier step of this process gathered that row size, so Horovod's response cache holds its shape
+            unless it evicted it: it holds ``HOROVOD_CACHE_CAPACITY`` names, 1024 by default, Horovod's own
+            per-parameter allreduces included),
             ``hedge`` (whether the plan priced a link that had just turned much slower at the rate its slow
             collective showed), ``probe`` (whether the plan priced a faster link it had just found at
             ``probe_factor`` times its estimate: :class:`kimad.control.Controller`), ``plan_bandwidth_bps`` (the
