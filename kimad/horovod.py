@@ -544,8 +544,10 @@ class Kimad:
             dense_start = message + (-message % 4)
             sparse.append(buffer.view(torch.uint8))
             message = dense_start + 4 * buffer.numel()
-        # the grid's row at or above the message (zero-padded): the target row when the plan filled it
-        per_rank = row_grid(message)
+        # the grid's row at or above the message (zero-padded): the target row when the plan filled it. An all-dense
+        # plan has the same size every step (cached under its name as it is): no padding.
+        all_dense = all(entry.fmt is MessageFormat.DENSE32 for entry in plan.entries)
+        per_rank = message + (-message % 8) if all_dense else row_grid(message)
         sparse.append(torch.zeros(per_rank - message, dtype=torch.uint8))
         send = torch.cat(sparse)
         self._row = (per_rank, 4 * buffer.numel() if rides else 0)
