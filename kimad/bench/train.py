@@ -17,7 +17,8 @@ to align with ``kimad.emulate --log``), ``loss`` (rank 0's batch), ``step_s``, `
 bytes this rank hands to the collectives: 4 per element uncompressed, 2 with fp16, Kimad's exact
 message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the user's budget),
 ``comm_s`` / ``predicted_comm_s`` (the timed allgather + allreduce and the plan's prediction),
-``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), ``prev_link_comm_s`` and
+``over_budget``, ``kimad_step_s`` (the whole Kimad step, collectives included), its parts ``agree_s`` (the
+agree allgather), ``profile_s``, ``plan_s``, ``encode_s`` and ``decode_s`` (Kimad's own work), ``prev_link_comm_s`` and
 ``prev_link_agree_s`` (the previous step's link times), ``agree_bytes`` (this step's agree message),
 ``link_samples`` (the ``[collective, bytes per rank, seconds]`` samples the step fed Kimad's estimator),
 ``row`` (the allgather's bytes per rank, a size of ``kimad.horovod.row_grid``) and ``row_cached`` (whether an
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                              plan_bandwidth_bps=m["plan_bandwidth_bps"],
                              issued_latency_s=m["issued_latency_s"],
                              predicted_comm_s=m["predicted_comm_s"], over_budget=m["over_budget"],
-                             kimad_step_s=m["kimad_step_s"],
+                             kimad_step_s=m["kimad_step_s"], agree_s=m["agree_s"],
+                             **{k: m[k] for k in ("profile_s", "plan_s", "encode_s", "decode_s")},
                              density={n: t["density"] for n, t in m["tensors"].items()},
                              bits={n: t["bits"] for n, t in m["tensors"].items()})
             write(entry)
