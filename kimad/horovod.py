@@ -42,11 +42,6 @@ needs all gradients at once (one plan for the whole step), so:
       times, so the rank that starts it last finds its peers' first segments already sent and the minimum
       understates the link's time (4 emulated ranks, 100 Mbit/s: its samples implied 1.3-1.9x the shaped
       rate, the allgathers' 1.0-1.1x; timed alone, by ``benchmarks/ring_goodput.py``, an allreduce gets 0.9x).
-      Nor is the step's allgather fitted (only the controller's hedge sees it) when its row size (e) was new to
-      any rank: Horovod then negotiates it through the coordinator first, which took 4-16 ms more at 100 Mbit/s
-      in the first steps after a speed-up (the estimate read 0.6-0.8 of the new rate for 3-5 steps). Without
-      that sample the estimate barely moves, so the next step's row is mostly the same size, cached. (The run's
-      first allgather is fitted all the same: it is the only measure of the link at hand.)
       Every rank plans from the same averaged profiles and samples, so the plans are identical
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
@@ -341,7 +336,6 @@ class Kimad:
         self._row: tuple[int, int] | None = None
         self._rows_seen: set[int] = set()  # row sizes this process has gathered (Horovod's cache holds them)
         self._row_cached = False
-        self._link_seen = False  # whether a step's allgather was fed to the estimator (until then, even uncached)
         self.metrics: dict = {}
         self.metrics_path = metrics_path
         self.log_every = log_every
@@ -462,9 +456,7 @@ class Kimad:
         have_prev = self._last_end is not None and bool(self._last_samples)
         compute_s = started - self._last_end if self._last_end is not None else 0.0
         slots = ("allgather", "allreduce", "agree")
-        tail = 3  # after the slots: whether last step's row was cached here, compute time, have_prev
-        agree += [timings.get(k, (0, 0.0))[1] for k in slots]
-        agree += [1.0 if self._row_cached else 0.0, compute_s, 1.0 if have_prev else 0.0]
+        agree += [timings.get(k, (0, 0.0))[1] for k in slots] + [compute_s, 1.0 if have_prev else 0.0]
         agree.append(self._fingerprint(names, grads))
         t0 = time.perf_counter()
         profile_s = t0 - t_profile
@@ -479,10 +471,8 @@ class Kimad:
                 f"{[int(f) for f in rows[:, -1].tolist()]} by rank; options, parameters, step, link estimate or "
                 "budget). Every rank must use the same Kimad options and parameters (and load the same state)")
         rows = rows[:, :-1]
-        profile_values = (rows[:, : -len(slots) - tail].sum(0) / world).tolist()
-        per_rank_s = rows[:, -len(slots) - tail: -tail]
-        # Horovod negotiates a collective through the coordinator unless every rank has its name cached
-        row_cached = bool((rows[:, -3] == 1.0).all())
+        profile_values = (rows[:, : -len(slots) - 2].sum(0) / world).tolist()
+        per_rank_s = rows[:, -len(slots) - 2: -2]
         avg_compute_s = float(rows[:, -2].sum()) / world
         link_s, fed = {}, []
         if bool((rows[:, -1] == 1.0).all()):  # every rank measured the previous step: feed the same samples everywhere
@@ -493,15 +483,10 @@ class Kimad:
                 # the compute skew of the slowest rank). Every rank takes the same minimum.
                 link_s[kind] = float(per_rank_s[:, i].min())
                 # One rank has no link to measure (and the estimator cannot fit zero samples after a step). The
-                # dense allreduce's minimum understates the link's time (module docstring, c): not fed. Nor is an
-                # allgather of a row size not cached (but for the first, the only one at hand) fitted: its time
-                # includes the coordinator's negotiation (c). It goes to the controller's hedge only.
+                # dense allreduce's minimum understates the link's time (module docstring, c): not fed.
                 if not self.fixed_link and world > 1 and kind != "allreduce":  # (agree is an allgather too)
-                    fit = kind != "allgather" or row_cached or not self._link_seen
-                    self._link_seen = self._link_seen or kind == "allgather"
-                    self.controller.observe_collective("allgather", timings[kind][0], link_s[kind], self.step, fit=fit)
-                    if fit:
-                        fed.append(["allgather", timings[kind][0], link_s[kind]])
+                    self.controller.observe_collective("allgather", timings[kind][0], link_s[kind], self.step)
+                    fed.append(["allgather", timings[kind][0], link_s[kind]])
             self.controller.observe_compute(avg_compute_s)
         else:
             avg_compute_s = None
@@ -733,7 +718,7 @@ class Kimad:
         return {"version": _STATE_VERSION, "step": self.step, "feedback": self._feedback.state_dict(),
                 "controller": self.controller.state_dict(),
                 "compute_window": list(budget._compute) if isinstance(budget, AutoBudget) else None,
-                "last_samples": list(self._last_samples), "row": self._row, "link_seen": self._link_seen}
+                "last_samples": list(self._last_samples), "row": self._row}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (same options and parameters)."""
@@ -749,7 +734,6 @@ class Kimad:
         self._last_samples = [tuple(s) for s in state["last_samples"]]
         row = state.get("row")  # (states saved before the row was kept have none: a new row is set)
         self._row = None if row is None else (int(row[0]), int(row[1]))
-        self._link_seen = bool(state.get("link_seen", True))
         self._last_end = None  # the compute time across a restart is not a measurement
         self._pending, self._results = {}, {}
 

@@ -11,7 +11,6 @@ import pytest
 
 from kimad.control.budget import BudgetError, FixedBudget
 from kimad.control.controller import Controller, ControllerError, TensorProfile
-from kimad.control.estimator import EstimatorError
 from kimad.control.menu import MenuError
 
 DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
@@ -359,23 +358,6 @@ def closed_loop(hedge_trigger: float, steps: int = 40, change: int = 20,
         if declared is None and c.estimator.state.regime_changes:
             declared = step
     return flags, ratios, declared
-
-
-def test_a_sample_observed_for_the_hedge_only_is_not_fitted_yet_hedges():
-    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
-    for step in range(30):
-        feed_link(c, step, 1e8)
-        c.plan(profiles(), step=step)
-    before = c.estimator.state_dict()
-    # a 5x slower link, its time inflated besides (the plugin's allgather of a row size Horovod negotiated)
-    assert c.observe_collective("allreduce", 1_000_000, 1e-2 + 8 * 1.5 * 1_000_000 / 2e7, 30, fit=False)
-    assert c.estimator.state_dict() == before
-    c.plan(profiles(), step=30)
-    assert c.hedging and c.planned_bandwidth_bps < 0.3 * c.estimate().bandwidth_bps
-    with pytest.raises(EstimatorError, match="seconds"):
-        c.observe_collective("allreduce", 1_000, math.nan, 31, fit=False)
-    with pytest.raises(EstimatorError, match="unknown collective"):
-        c.observe_collective("broadcast", 1_000, 1e-3, 31, fit=False)
 
 
 def test_hedged_plans_are_small_yet_the_estimator_declares_the_slower_link_as_soon_as_without_them():

@@ -176,9 +176,8 @@ def test_metrics_break_a_step_down_into_kimads_own_work_and_its_collectives(hvd)
     # The parts and the collectives are disjoint intervals of the step.
     assert m["overhead_s"] + m["agree_s"] + m["actual_comm_s"] <= m["kimad_step_s"] + 1e-9
     # the agree message, float64: per tensor its squared norm, one error per density for the two weights (the
-    # biases are below min_compress_numel), then 3 collective timings, the row-cached flag, the compute time, a flag
-    # and the fingerprint
-    assert m["agree_bytes"] == 8 * (4 + 2 * len(compression.controller.densities) + 7)
+    # biases are below min_compress_numel), then 3 collective timings, the compute time, a flag and the fingerprint
+    assert m["agree_bytes"] == 8 * (4 + 2 * len(compression.controller.densities) + 6)
     assert m["framing"] == pytest.approx(1514 / 1448)
 
 

@@ -59,8 +59,7 @@ from kimad.compressors.wire import MessageFormat
 from kimad.control.allocate import Allocation, allocate_lagrangian, allocate_layerwise, allocate_uniform
 from kimad.control.budget import AutoBudget, FixedBudget
 from kimad.control.cost import CostModel
-from kimad.control.estimator import (INFORMATIVE_SHARE, BandwidthEstimate, BandwidthEstimator, bits_share,
-                                     check_sample)
+from kimad.control.estimator import INFORMATIVE_SHARE, BandwidthEstimate, BandwidthEstimator, bits_share
 from kimad.control.menu import Option, build_menu, geometric_densities
 from kimad.control.plan import Plan
 from kimad.errors import KimadError
@@ -175,17 +174,9 @@ class Controller:
         self._fresh: list[tuple[str, int, float]] = []  # (kind, bytes per rank, seconds) since the last plan
 
     # -- measurements --------------------------------------------------------------------------
-    def observe_collective(self, kind: str, bytes_per_rank: int, seconds: float, step: int, *,
-                           fit: bool = True) -> bool:
-        """Feed one timed collective to the estimator and keep it for the hedge (step 3 of the module docstring);
-        returns whether the sample was accepted. ``fit=False``: for the hedge only, not fitted -- a sample whose
-        time holds more than the link's (the Horovod plugin's allgather of a row size Horovod had to negotiate
-        first) still shows a link several times slower than planned for."""
-        if fit:
-            accepted = self.estimator.add(kind, self.world_size, bytes_per_rank, seconds, step)
-        else:
-            check_sample(kind, self.world_size, bytes_per_rank, seconds, step)
-            accepted = self.world_size > 1 and seconds > 0
+    def observe_collective(self, kind: str, bytes_per_rank: int, seconds: float, step: int) -> bool:
+        """Feed one timed collective to the estimator; returns whether the sample was accepted."""
+        accepted = self.estimator.add(kind, self.world_size, bytes_per_rank, seconds, step)
         if accepted and self._planned_estimate is not None:
             self._fresh.append((kind, bytes_per_rank, seconds))
             del self._fresh[:-_MAX_FRESH]

@@ -168,20 +168,6 @@ def bits_share(latency_s, predicted_s, measured_s):
     return 1.0 - latency_s / duration
 
 
-def check_sample(kind: str, world_size: int, bytes_per_rank: int, seconds: float, step: int) -> None:
-    """Raise :class:`EstimatorError` unless the arguments are a possible timed collective (those of
-    :meth:`BandwidthEstimator.add`)."""
-    if kind not in COLLECTIVES:
-        raise EstimatorError(f"unknown collective kind {kind!r}; known: {COLLECTIVES}")
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise EstimatorError(f"world_size must be an int >= 1, got {world_size!r}")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise EstimatorError(f"step must be an int >= 0, got {step!r}")
-    for name, value in (("bytes_per_rank", bytes_per_rank), ("seconds", seconds)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise EstimatorError(f"{name} of a {kind} sample must be a finite number >= 0, got {value!r}")
-
-
 def _positive(name: str, value: float, allow_inf: bool = False) -> float:
     value = float(value)
     if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
@@ -293,7 +279,15 @@ class BandwidthEstimator:
         Raises:
             EstimatorError: unknown ``kind``, NaN/infinite/negative numbers, ``world_size < 1``.
         """
-        check_sample(kind, world_size, bytes_per_rank, seconds, step)
+        if kind not in COLLECTIVES:
+            raise EstimatorError(f"unknown collective kind {kind!r}; known: {COLLECTIVES}")
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise EstimatorError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise EstimatorError(f"step must be an int >= 0, got {step!r}")
+        for name, value in (("bytes_per_rank", bytes_per_rank), ("seconds", seconds)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise EstimatorError(f"{name} of a {kind} sample must be a finite number >= 0, got {value!r}")
         s = self.state
         if step > s.step_now:  # time passing re-weighs the window even if this sample is rejected
             s.step_now, s.fitted = step, False

@@ -43,17 +43,14 @@ def dense_allreduce_s(numel: int, repeats: int) -> tuple[float, float]:
     return median, spread
 
 
-def link_samples_disagree(m: dict, prev: dict | None, link_seen: bool) -> bool:
+def link_samples_disagree(m: dict, prev: dict | None) -> bool:
     """Whether the step's ``link_samples`` (what it fed the estimator) disagree with the previous step's
     collectives: its data allgather (its row's bytes, and link seconds = ``prev_link_comm_s`` when no dense
-    allreduce followed it: that one is timed, not fed), unless its row size was new after an allgather had been
-    fed (``link_seen``: its time then includes Horovod's negotiation), then its agree allgather."""
+    allreduce followed it: that one is timed, not fed) then its agree allgather."""
     samples = m["link_samples"]
     if prev is None:
         return samples != []
     *data, agree = samples
-    if link_seen and not prev["row_cached"]:
-        return not (data == [] and agree == ["allgather", prev["agree_bytes"], m["prev_link_agree_s"]])
     data_ok = [(c, b) for c, b, _ in data] == [("allgather", prev["row"])]
     if prev["dense_route"] != "allreduce":
         data_ok = data_ok and math.isclose(sum(s for _, _, s in data), m["prev_link_comm_s"], rel_tol=1e-9)
@@ -82,7 +79,7 @@ def main() -> int:
                                              named_parameters=model.named_parameters(), budget_s=budget,
                                              allocator="layerwise", compressors=("topk",), error_feedback="ef21")
     ratios, nbytes, predicted, probes, hedges, unlogged, cached = [], [], [], [], [], [], []
-    prev, link_seen = None, False
+    prev = None
     for step in range(args.warmup + args.steps):
         g = torch.Generator().manual_seed(100 * step + rank)
         x, y = torch.randn(32, width, generator=g), torch.randint(0, 10, (32,), generator=g)
@@ -95,8 +92,7 @@ def main() -> int:
         if step >= args.warmup:
             nbytes.append(m["actual_bytes"])
             predicted.append(None if m["over_budget"] else m["predicted_comm_s"] / budget)
-        unlogged += [step] if link_samples_disagree(m, prev, link_seen) else []
-        link_seen = link_seen or len(m["link_samples"]) > 1
+        unlogged += [step] if link_samples_disagree(m, prev) else []
         cached += [step] if m["row_cached"] else []
         prev = m
         probes += [step] if m["probe"] else []
