@@ -12,12 +12,13 @@ NP     ?= 2
 CMAKE_BUILD := build/cmake
 ASAN_BUILD  := build/cmake-asan
 
-.PHONY: help setup cxx-deps test test-python test-cxx demo bench clean
+.PHONY: help setup cxx-deps test test-python test-cxx lint demo bench clean
 
 help:
 	@echo "make demo        set up, then run the short end-to-end comparison (emulated 2-node cluster; report in runs/demo/)"
 	@echo "make test        set up, then run pytest and the C++ tests (plain + ASan/UBSan) and the CUDA compile check"
 	@echo "make setup       create $(VENV) and install torch, Horovod 0.28.1 (cached build) and kimad (editable)"
+	@echo "make lint        ruff check (style, pyflakes, import order, bugbear; pyproject.toml)"
 	@echo "make bench       kernel microbenchmarks (ratios against baselines measured in the same run)"
 	@echo "make clean       remove build outputs (keeps the venv and the Horovod wheel cache)"
 
@@ -37,8 +38,11 @@ cxx-deps:
 test: setup cxx-deps
 	@$(MAKE) --no-print-directory test-python test-cxx
 
-test-python:
+test-python: lint
 	$(PY) -m pytest
+
+lint:
+	$(PY) -m ruff check .
 
 test-cxx:
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null

@@ -28,7 +28,6 @@ from collections.abc import Callable
 import numpy as np
 
 from kimad.bench.machine import describe_cpu
-
 from kimad.control.allocate import allocate_lagrangian, allocate_layerwise, allocate_uniform
 
 BANDWIDTH_BYTES_PER_S = 10e9 / 8  # 10 Gbit/s

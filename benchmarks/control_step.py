@@ -42,7 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kimad.bench.resnet import ResNet18  # noqa: E402
 from kimad.bench.workloads import DigitsCNN  # noqa: E402
 from kimad.control import (  # noqa: E402
-    TCP_ETHERNET_FRAMING, BandwidthEstimator, Controller, CostModel, TensorProfile, geometric_densities)
+    TCP_ETHERNET_FRAMING,
+    BandwidthEstimator,
+    Controller,
+    CostModel,
+    TensorProfile,
+    geometric_densities,
+)
 
 WORLD, LATENCY_S, AGREE_BYTES, PERIOD = 4, 2e-3, 504, 25
 MODELS = {"digits-cnn": (DigitsCNN, (32, 1, 28, 28)), "resnet18": (ResNet18, (32, 3, 32, 32))}

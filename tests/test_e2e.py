@@ -436,8 +436,8 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
     if shutil.which("ip") is None or shutil.which("tc") is None:
         pytest.skip("iproute2 (ip, tc) is not on PATH")
     pytest.importorskip("horovod.torch", reason="Horovod is not installed")
-    from kimad.emulate import Cluster, run_horovod
     from kimad.bench.e2e import rank_environment
+    from kimad.emulate import Cluster, run_horovod
 
     log, plain_log = tmp_path / "kimad+.jsonl", tmp_path / "none.jsonl"
     train = [sys.executable, "-m", "kimad.bench.train", "--epochs", "1", "--eval-every-s", "1", "--eval-after",

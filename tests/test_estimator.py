@@ -305,7 +305,7 @@ def test_robust_weights_leaving_one_sample_size_give_an_unknown_uncertainty_not_
     # Latency samples so erratic that the robust fit drops them all: only one size is left, so bandwidth and
     # latency are confounded (this once raised ZeroDivisionError in the uncertainty).
     rng = np.random.default_rng(70)
-    for trial in range(100):
+    for _ in range(100):
         est = BandwidthEstimator()
         for step in range(8):
             est.add("allreduce", 2, 1_000_000, 0.008 * (1 + 0.01 * rng.standard_normal()), step)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from kimad.errors import CorruptMessageError, KimadError, NonFiniteGradientError
 from kimad.ops import (
+    qsgd_encode,
     quant_decode_accumulate,
     quant_error_estimate,
-    qsgd_encode,
     sign_encode,
     uniform_draws,
 )

@@ -62,21 +62,21 @@ class Allocation:
 
 
 class _Menus:
-    """All tensors' options as flat float64 arrays; tensor ``l`` owns ``[offsets[l], offsets[l+1])``."""
+    """All tensors' options as flat float64 arrays; tensor ``t`` owns ``[offsets[t], offsets[t+1])``."""
 
     def __init__(self, costs: Sequence[np.ndarray], errors: Sequence[np.ndarray]) -> None:
         if len(costs) != len(errors):
             raise ConfigError(f"{len(costs)} cost menus but {len(errors)} error menus; give one of each per tensor")
         flat_costs, flat_errors, sizes = [], [], []
-        for l, (c, e) in enumerate(zip(costs, errors)):
+        for t, (c, e) in enumerate(zip(costs, errors)):
             c = np.asarray(c, dtype=np.float64)
             e = np.asarray(e, dtype=np.float64)
             if c.ndim != 1 or e.ndim != 1:
-                raise ConfigError(f"tensor {l}: costs and errors must be 1-D menus, got shapes {c.shape} and {e.shape}")
+                raise ConfigError(f"tensor {t}: costs and errors must be 1-D menus, got shapes {c.shape} and {e.shape}")
             if c.size == 0:
-                raise ConfigError(f"tensor {l} has an empty menu; every tensor needs at least one option (e.g. dense)")
+                raise ConfigError(f"tensor {t} has an empty menu; every tensor needs at least one option (e.g. dense)")
             if c.size != e.size:
-                raise ConfigError(f"tensor {l} has {c.size} option costs but {e.size} option errors")
+                raise ConfigError(f"tensor {t} has {c.size} option costs but {e.size} option errors")
             flat_costs.append(c)
             flat_errors.append(e)
             sizes.append(c.size)
@@ -94,9 +94,9 @@ class _Menus:
         bad = ~(np.isfinite(values) & (values >= 0))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            l = int(self.tensor_of[i])
+            t = int(self.tensor_of[i])
             raise ConfigError(
-                f"tensor {l} option {i - int(self.offsets[l])} has {what} {float(values[i])}; "
+                f"tensor {t} option {i - int(self.offsets[t])} has {what} {float(values[i])}; "
                 f"{what}s must be finite and >= 0"
             )
 
@@ -277,13 +277,13 @@ def allocate_uniform(
     if len(levels) != menus.count:
         raise ConfigError(f"{len(levels)} level menus for {menus.count} tensors; give one per tensor")
     flat_levels = []
-    for l, lv in enumerate(levels):
+    for t, lv in enumerate(levels):
         lv = np.asarray(lv, dtype=np.float64)
-        size = int(menus.offsets[l + 1] - menus.offsets[l])
+        size = int(menus.offsets[t + 1] - menus.offsets[t])
         if lv.shape != (size,):
-            raise ConfigError(f"tensor {l} has {size} options but levels of shape {lv.shape}")
+            raise ConfigError(f"tensor {t} has {size} options but levels of shape {lv.shape}")
         if not np.isfinite(lv).all():
-            raise ConfigError(f"tensor {l} has a non-finite level in {lv.tolist()}")
+            raise ConfigError(f"tensor {t} has a non-finite level in {lv.tolist()}")
         flat_levels.append(lv)
     if menus.count == 0:
         return menus.allocation(np.zeros(0, dtype=np.int64), False, "uniform")
