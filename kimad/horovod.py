@@ -38,10 +38,14 @@ needs all gradients at once (one plan for the whole step), so:
       MINIMUM over ranks is the link's time, and that is the sample every rank feeds to the
       :class:`~kimad.control.Controller`. The agree allgather of the previous step is such a sample
       too: being small, it pins the latency while the step's allgather pins the bandwidth. The dense
-      allreduce (e) is timed but not fed: it starts right after the allgather, which ranks leave at different
-      times, so the rank that starts it last finds its peers' first segments already sent and the minimum
-      understates the link's time (4 emulated ranks, 100 Mbit/s: its samples implied 1.3-1.9x the shaped
-      rate, the allgathers' 1.0-1.1x; timed alone, by ``benchmarks/ring_goodput.py``, an allreduce gets 0.9x).
+      allreduce (e) is timed but not fed after an allgather of messages: it starts right after the allgather,
+      which ranks leave at different times, so the rank that starts it last finds its peers' first segments
+      already sent and the minimum understates the link's time (4 emulated ranks, 100 Mbit/s: its samples
+      implied 1.3-1.9x the shaped rate, the allgathers' 1.0-1.1x; timed alone, by
+      ``benchmarks/ring_goodput.py``, an allreduce gets 0.9x). After an allgather of the digest prefix alone (an
+      all-dense plan, the run's first step among them) the ranks start it nearly together, and it is the
+      step's only sample with bits in it: fed (4 emulated ranks, 100 Mbit/s: the second plan was then priced at
+      0.91x the link; without it the second to fourth at 0.06-0.41x and the fifth at 1.7x).
       Every rank plans from the same averaged profiles and samples, so the plans are identical
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
@@ -483,10 +487,13 @@ class Kimad:
                 # the compute skew of the slowest rank). Every rank takes the same minimum.
                 link_s[kind] = float(per_rank_s[:, i].min())
                 # One rank has no link to measure (and the estimator cannot fit zero samples after a step). The
-                # dense allreduce's minimum understates the link's time (module docstring, c): not fed.
-                if not self.fixed_link and world > 1 and kind != "allreduce":  # (agree is an allgather too)
-                    self.controller.observe_collective("allgather", timings[kind][0], link_s[kind], self.step)
-                    fed.append(["allgather", timings[kind][0], link_s[kind]])
+                # dense allreduce's minimum understates the link's time after an allgather of messages (module
+                # docstring, c): fed only after one of the digest prefix alone.
+                after_prefix = timings.get("allgather", (0, 0.0))[0] <= DIGEST_PREFIX_BYTES
+                if not self.fixed_link and world > 1 and (kind != "allreduce" or after_prefix):
+                    collective = "allreduce" if kind == "allreduce" else "allgather"  # (agree is an allgather too)
+                    self.controller.observe_collective(collective, timings[kind][0], link_s[kind], self.step)
+                    fed.append([collective, timings[kind][0], link_s[kind]])
             self.controller.observe_compute(avg_compute_s)
         else:
             avg_compute_s = None

@@ -46,13 +46,17 @@ def dense_allreduce_s(numel: int, repeats: int) -> tuple[float, float]:
 def link_samples_disagree(m: dict, prev: dict | None) -> bool:
     """Whether the step's ``link_samples`` (what it fed the estimator) disagree with the previous step's
     collectives: its data allgather (its row's bytes, and link seconds = ``prev_link_comm_s`` when no dense
-    allreduce followed it: that one is timed, not fed) then its agree allgather."""
+    allreduce followed it: that one is timed, not fed, unless the allgather held the digest prefix alone), then
+    its agree allgather."""
     samples = m["link_samples"]
     if prev is None:
         return samples != []
     *data, agree = samples
-    data_ok = [(c, b) for c, b, _ in data] == [("allgather", prev["row"])]
-    if prev["dense_route"] != "allreduce":
+    # the dense allreduce is fed after an allgather of the 8-byte digest prefix alone
+    fed_allreduce = prev["dense_route"] == "allreduce" and prev["row"] <= 8
+    data_ok = [(c, b) for c, b, _ in data] == [("allgather", prev["row"])] + (
+        [("allreduce", prev["actual_bytes"] - prev["row"])] if fed_allreduce else [])
+    if prev["dense_route"] != "allreduce" or fed_allreduce:
         data_ok = data_ok and math.isclose(sum(s for _, _, s in data), m["prev_link_comm_s"], rel_tol=1e-9)
     return not (data_ok and agree == ["allgather", prev["agree_bytes"], m["prev_link_agree_s"]])
 

@@ -13,6 +13,7 @@ to float tolerance. Then the same configuration runs a few steps with top-k + EF
 
 import argparse
 import copy
+import math
 import sys
 
 import horovod.torch as hvd
@@ -108,7 +109,7 @@ def main() -> int:
     my_opt = hvd.DistributedOptimizer(make_opt(mine, args), named_parameters=mine.named_parameters(),
                                       compression=compression, op=op, backward_passes_per_step=args.bpps,
                                       groups=args.groups)
-    routes_seen = []
+    routes_seen, prev_bytes = [], 0
     for step in range(args.steps):
         expected = train_step(ref, ref_opt, step, args, dtype, args.keep_grads)
         got = train_step(mine, my_opt, step, args, dtype, args.keep_grads)
@@ -123,13 +124,17 @@ def main() -> int:
         # Two ranks: gathering the dense buffer costs no more than allreducing it; a 1 s latency makes it ride.
         if hvd.size() == 2 or args.ride:
             assert compression.metrics["dense_route"] == "allgather", compression.metrics["dense_route"]
-        if step > 0 and routes_seen[-1] == "allreduce":  # the dense allreduce is timed but not fed
-            assert [s[0] for s in compression.metrics["link_samples"]] == ["allgather", "allgather"], \
+        if step > 0 and routes_seen[-1] == "allreduce":
+            # all dense: the allgather held the 8-byte digest prefix alone, so the allreduce after it was fed
+            assert [s[:2] for s in compression.metrics["link_samples"]] == [
+                ["allgather", 8], ["allreduce", prev_bytes - 8], ["allgather", compression.metrics["agree_bytes"]]], \
                 compression.metrics["link_samples"]
-            assert compression.metrics["prev_link_comm_s"] > compression.metrics["link_samples"][0][2]
+            assert math.isclose(compression.metrics["prev_link_comm_s"],
+                                sum(s[2] for s in compression.metrics["link_samples"][:2]), rel_tol=1e-9)
         routes_seen.append(compression.metrics["dense_route"])
+        prev_bytes = compression.metrics["actual_bytes"]
     routes = {"dense": compression.metrics["dense_route"]}
-    if hvd.size() > 2 and not args.ride:  # (so the check that the allreduce is not fed above ran)
+    if hvd.size() > 2 and not args.ride:  # (so the check that the allreduce is fed above ran)
         assert routes_seen.count("allreduce") >= 2, routes_seen
     assert "frozen.weight" not in compression.metrics["tensors"]
 
