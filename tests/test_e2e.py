@@ -457,6 +457,10 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [e for e in entries if not e.get("eval")]
     assert len(steps) >= 5
+    # the Kimad step's parts, disjoint intervals of it; the first step is all dense (its budget is unknown)
+    parts = ("agree_s", "profile_s", "plan_s", "encode_s", "decode_s")
+    assert all(0 <= s["comm_s"] + sum(s[k] for k in parts) <= s["kimad_step_s"] for s in steps)
+    assert steps[0]["dense_route"] in ("allgather", "allreduce")
     assert all(s["bytes"] > 0 for s in steps) and steps[-1]["bytes"] < 4 * 421_770  # compressed once the link is known
     # --eval-after (as the comparison runs): snapshots taken during training, evaluated and logged after it
     evals = [e for e in entries if e.get("eval")]

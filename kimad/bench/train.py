@@ -21,8 +21,9 @@ message bytes) and for Kimad ``bandwidth_bps``, ``latency_s``, ``budget_s`` (the
 agree allgather), ``profile_s``, ``plan_s``, ``encode_s`` and ``decode_s`` (Kimad's own work), ``prev_link_comm_s`` and
 ``prev_link_agree_s`` (the previous step's link times), ``agree_bytes`` (this step's agree message),
 ``link_samples`` (the ``[collective, bytes per rank, seconds]`` samples the step fed Kimad's estimator),
-``row`` (the allgather's bytes per rank, a size of ``kimad.horovod.row_grid``) and ``row_cached`` (whether an
-earlier step gathered that size, so Horovod's cached negotiation held),
+``row`` (the allgather's bytes per rank, a size of ``kimad.horovod.row_grid``), ``row_cached`` (whether an
+earlier step gathered that size, so Horovod's cached negotiation held), ``dense_route`` (how the dense tensors
+went: ``"allgather"`` riding in the row, ``"allreduce"`` of their own, or null when none was dense),
 ``probe`` (whether the plan probed a faster link), ``hedge`` (whether it was priced at a slow collective's
 rate), ``plan_bandwidth_bps`` (the bandwidth the plan was priced at), ``density`` (per tensor: fraction of
 entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                              budget_s=m["budget_s"], comm_s=m["actual_comm_s"],
                              prev_link_comm_s=m["prev_link_comm_s"], prev_link_agree_s=m["prev_link_agree_s"],
                              agree_bytes=m["agree_bytes"], link_samples=m["link_samples"], row=m["row"],
-                             row_cached=m["row_cached"],
+                             row_cached=m["row_cached"], dense_route=m["dense_route"],
                              probe=m["probe"], hedge=m["hedge"],
                              plan_bandwidth_bps=m["plan_bandwidth_bps"],
                              issued_latency_s=m["issued_latency_s"],
