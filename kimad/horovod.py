@@ -44,8 +44,8 @@ needs all gradients at once (one plan for the whole step), so:
       implied 1.3-1.9x the shaped rate, the allgathers' 1.0-1.1x; timed alone, by
       ``benchmarks/ring_goodput.py``, an allreduce gets 0.9x). After an allgather of the digest prefix alone (an
       all-dense plan, the run's first step among them) the ranks start it nearly together, and it is the
-      step's only sample with bits in it: fed (4 emulated ranks, 100 Mbit/s: the second plan is then priced at
-      0.91-0.93x the link; without it the second to fourth were at 0.06-0.41x and the fifth at 1.7x).
+      step's only sample with bits in it: fed (4 emulated ranks, 100 Mbit/s: plans 2-7 are then priced at
+      0.90-1.07x the link; without it, in three runs, mostly at 0.01-0.5x, once at 1.7x).
       Every rank plans from the same averaged profiles and samples, so the plans are identical
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
