@@ -57,10 +57,12 @@ def measure(reps: int) -> None:
         times = {kind: [] for kind in kinds}
         for rep in range(len(kinds) * reps):  # the kinds in turn
             kind = kinds[rep % len(kinds)]
-            # "new": one to three elements more than the last time, as Kimad's message changes size every step
-            x = torch.zeros(elements + (rep // 3) % 3 + 1 if kind == "new" else elements)
-            if kind == "allreduce":  # as many bytes on each ring link as the allgather's
+            if kind == "new":  # one to three elements more than the last time, as Kimad's message changes size
+                x = torch.zeros(elements + (rep // 3) % 3 + 1)
+            elif kind == "allreduce":  # as many bytes on each ring link as the allgather's
                 x = torch.zeros(allreduce_bytes(hvd.size(), nbytes) // 4)
+            else:
+                x = torch.zeros(elements)
             hvd.allreduce(torch.zeros(1), name="barrier")
             time.sleep(0.005)
             t0 = time.perf_counter()

@@ -479,6 +479,9 @@ class Kimad:
         per_rank_s = rows[:, -len(slots) - 2: -2]
         avg_compute_s = float(rows[:, -2].sum()) / world
         link_s, fed = {}, []
+        # the dense allreduce's minimum understates the link's time after an allgather of messages (module docstring,
+        # c): fed only after one of the digest prefix alone
+        after_prefix = timings.get("allgather", (0, 0.0))[0] <= DIGEST_PREFIX_BYTES
         if bool((rows[:, -1] == 1.0).all()):  # every rank measured the previous step: feed the same samples everywhere
             for i, kind in enumerate(slots):
                 if kind not in timings:
@@ -486,10 +489,7 @@ class Kimad:
                 # The rank that submitted last waited for nobody: its time is the link's (the others' include
                 # the compute skew of the slowest rank). Every rank takes the same minimum.
                 link_s[kind] = float(per_rank_s[:, i].min())
-                # One rank has no link to measure (and the estimator cannot fit zero samples after a step). The
-                # dense allreduce's minimum understates the link's time after an allgather of messages (module
-                # docstring, c): fed only after one of the digest prefix alone.
-                after_prefix = timings.get("allgather", (0, 0.0))[0] <= DIGEST_PREFIX_BYTES
+                # One rank has no link to measure (and the estimator cannot fit zero samples after a step).
                 if not self.fixed_link and world > 1 and (kind != "allreduce" or after_prefix):
                     collective = "allreduce" if kind == "allreduce" else "allgather"  # (agree is an allgather too)
                     self.controller.observe_collective(collective, timings[kind][0], link_s[kind], self.step)

@@ -52,8 +52,8 @@ def link_samples_disagree(m: dict, prev: dict | None) -> bool:
     if prev is None:
         return samples != []
     *data, agree = samples
-    # the dense allreduce is fed after an allgather of the 8-byte digest prefix alone
-    fed_allreduce = prev["dense_route"] == "allreduce" and prev["row"] <= 8
+    # the dense allreduce is fed after an allgather of the digest prefix alone
+    fed_allreduce = prev["dense_route"] == "allreduce" and prev["row"] <= kimad.horovod.DIGEST_PREFIX_BYTES
     data_ok = [(c, b) for c, b, _ in data] == [("allgather", prev["row"])] + (
         [("allreduce", prev["actual_bytes"] - prev["row"])] if fed_allreduce else [])
     if prev["dense_route"] != "allreduce" or fed_allreduce:
