@@ -109,6 +109,12 @@ def main() -> int:
     my_opt = hvd.DistributedOptimizer(make_opt(mine, args), named_parameters=mine.named_parameters(),
                                       compression=compression, op=op, backward_passes_per_step=args.bpps,
                                       groups=args.groups)
+    real_dense_rides = CostModel.dense_rides
+    if hvd.size() > 2 and not args.ride:
+        # At 4 ranks the route follows the estimated link: on localhost its latency against its bandwidth decides, and
+        # that differs by machine. What is checked here is the allreduce route and what it feeds the estimator (the
+        # choice itself is checked on the fixed links of --ride and the compressed phase below), so it is forced.
+        CostModel.dense_rides = lambda self, nbytes: False
     routes_seen, prev_bytes = [], 0
     for step in range(args.steps):
         expected = train_step(ref, ref_opt, step, args, dtype, args.keep_grads)
@@ -136,7 +142,8 @@ def main() -> int:
         prev_bytes = compression.metrics["actual_bytes"]
     routes = {"dense": compression.metrics["dense_route"]}
     if hvd.size() > 2 and not args.ride:  # (so the check that the allreduce is fed above ran)
-        assert routes_seen.count("allreduce") >= 2, routes_seen
+        assert routes_seen == ["allreduce"] * args.steps, routes_seen
+        CostModel.dense_rides = real_dense_rides
     assert "frozen.weight" not in compression.metrics["tensors"]
 
     # The same configuration compressed: top-k + EF21 at a tiny budget (fixed link model).
