@@ -1,6 +1,7 @@
 """Per-step cost of Kimad's control plane (estimate, plan, digest) against the step's own compute.
 
-    python benchmarks/control_step.py [--steps 300] [--warmup 50] [--models digits-cnn resnet18] [--json PATH]
+    python benchmarks/control_step.py [--steps 300] [--warmup 50] [--models digits-cnn resnet18 stdlib-lm]
+                                      [--json PATH]
 
 Every rank of the Horovod plugin runs, each step, on the CPU and in Python: the bandwidth fit of
 :class:`~kimad.control.BandwidthEstimator` over the recent link samples, the menus and the allocation of
@@ -8,9 +9,9 @@ Every rank of the Horovod plugin runs, each step, on the CPU and in Python: the 
 the way the plugin drives it, and holds it against the time the same model needs for one forward and
 backward pass of its batch (the baseline, measured in the same run, one torch thread):
 
-* **tensors** -- the model's parameters (the digits CNN of the end-to-end comparison, 10 tensors; the
-  ResNet-18 of ``benchmarks/overhead.py``, 62 tensors), each with a top-k error profile measured once
-  on a random normal vector of its size (``||v||^2`` and ``||v - TopK(v)||^2`` at the controller's 16
+* **tensors** -- the model's parameters (the end-to-end comparison's digits CNN, 10 tensors, and character
+  transformer, 30; the ResNet-18 of ``benchmarks/overhead.py``, 62 tensors), each with a top-k error profile
+  measured once on a random normal vector of its size (``||v||^2`` and ``||v - TopK(v)||^2`` at the controller's 16
   densities), scaled by a factor that drifts from step to step;
 * **link** -- 4 ranks; a square trace, 100 <-> 20 Mbit/s every 25 steps, 2 ms latency per ring
   step; every step the plan's allgather and the 504-byte agree allgather are "timed" with the cost
@@ -40,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kimad.bench.resnet import ResNet18  # noqa: E402
-from kimad.bench.workloads import DigitsCNN  # noqa: E402
+from kimad.bench.workloads import VOCAB, CharTransformer, DigitsCNN  # noqa: E402
 from kimad.control import (  # noqa: E402
     TCP_ETHERNET_FRAMING,
     BandwidthEstimator,
@@ -51,7 +52,10 @@ from kimad.control import (  # noqa: E402
 )
 
 WORLD, LATENCY_S, AGREE_BYTES, PERIOD = 4, 2e-3, 504, 25
-MODELS = {"digits-cnn": (DigitsCNN, (32, 1, 28, 28)), "resnet18": (ResNet18, (32, 3, 32, 32))}
+# model class and a batch of its input (the end-to-end comparison's batch sizes for the CNN and the LM)
+MODELS = {"digits-cnn": (DigitsCNN, lambda: torch.randn(32, 1, 28, 28)),
+          "resnet18": (ResNet18, lambda: torch.randn(32, 3, 32, 32)),
+          "stdlib-lm": (CharTransformer, lambda: torch.randint(0, VOCAB, (32, 64)))}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="simulated steps per model and allocator (default: 300)")
     p.add_argument("--warmup", type=int, default=50, help="steps left out of the medians (default: 50)")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS),
-                   help="tensor sets to plan for (default: both)")
+                   help="tensor sets to plan for (default: all)")
     p.add_argument("--allocators", nargs="+", choices=("layerwise", "uniform"), default=["layerwise", "uniform"],
                    help="Kimad+ (layerwise), Kimad (uniform) (default: both)")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -85,9 +89,9 @@ def profiles_of(model: torch.nn.Module, densities: tuple[float, ...]) -> list[Te
     return out
 
 
-def compute_ms(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
-    """Median milliseconds of one forward + backward pass on a random batch (20 after 3 unmeasured)."""
-    x, times = torch.randn(shape), []
+def compute_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Median milliseconds of one forward + backward pass on the batch ``x`` (20 after 3 unmeasured)."""
+    times = []
     for i in range(23):
         model.zero_grad()
         t = time.perf_counter()
@@ -138,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<11} {'tensors':>7} {'allocator':<10} {'fit ms':>7} {'plan ms':>8} {'digest ms':>9} "
           f"{'control ms':>10} {'compute ms':>10} {'control/compute':>15}")
     for name in args.models:
-        cls, shape = MODELS[name]
+        cls, batch = MODELS[name]
         torch.manual_seed(0)
         model = cls()
         profiles = profiles_of(model, densities)
-        base = compute_ms(model, shape)
+        base = compute_ms(model, batch())
         for allocator in args.allocators:
             row = {"model": name, "tensors": len(profiles), "allocator": allocator,
                    **run(profiles, allocator, densities, args.steps, args.warmup), "compute_ms": base}

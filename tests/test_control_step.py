@@ -28,10 +28,11 @@ def test_profiles_are_the_exact_top_k_errors_of_one_vector_per_parameter(bench):
 
 def test_a_short_run_writes_one_row_per_model_and_allocator(bench, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert bench.main(["--models", "digits-cnn", "--steps", "6", "--warmup", "2", "--json", str(out)]) == 0
+    assert bench.main(["--models", "digits-cnn", "stdlib-lm", "--steps", "6", "--warmup", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["model"], r["tensors"], r["allocator"]) for r in rows] == [
-        ("digits-cnn", 10, "layerwise"), ("digits-cnn", 10, "uniform")]
+        ("digits-cnn", 10, "layerwise"), ("digits-cnn", 10, "uniform"),
+        ("stdlib-lm", 30, "layerwise"), ("stdlib-lm", 30, "uniform")]
     for r in rows:
         assert 0 < r["fit_ms"] and 0 < r["plan_ms"] and 0 < r["digest_ms"] and 0 < r["compute_ms"]
         assert r["control_ms"] >= max(r["fit_ms"], r["plan_ms"], r["digest_ms"])
