@@ -143,23 +143,27 @@ MAX_POLL_INTERVAL_S = 1e-3
 # (the same size every step) pins the latency, read that overhead as a slower link. A plan's bytes change a little
 # every step, so with one name nearly every step missed; keeping last step's size within a band (session 11) kept
 # it on 9-59% of steps. On the grid a plan loses on average half a grid step of its byte budget (2.5%).
+_FLOAT32_BYTES = 4  # a dense buffer riding in a row starts at a multiple of this
+_ROW_ALIGN = 8  # an all-dense plan's row is its message rounded up to this (grid rows are multiples of it too)
 ROW_GRID_PERCENT = 5  # consecutive grid rows are this many percent apart (at least 8 bytes)
 _ROW_GRID = [8]
 
 
-def row_grid(nbytes: int, *, up: bool = True) -> int:
-    """The allgather row grid's size at or above ``nbytes`` (``up``), or at or below it (at least 8): sizes from
-    8 bytes up, each ``ROW_GRID_PERCENT`` percent (rounded down to a multiple of 8, at least 8) above the last.
-    Built with integers only, so every rank on every machine has the same grid."""
+def row_grid(nbytes: int) -> int:
+    """The allgather row grid's size at or above ``nbytes``: sizes from 8 bytes up, each ``ROW_GRID_PERCENT``
+    percent (rounded down to a multiple of 8, at least 8) above the last. Built with integers only, so every rank
+    on every machine has the same grid."""
     if not isinstance(nbytes, int) or nbytes < 0:
         raise KimadError(f"a row holds an int >= 0 of bytes, got {nbytes!r}")
     while _ROW_GRID[-1] < nbytes:
         last = _ROW_GRID[-1]
         _ROW_GRID.append(last + max(8, last * ROW_GRID_PERCENT // 100 // 8 * 8))
-    i = bisect.bisect_left(_ROW_GRID, nbytes)
-    if up or _ROW_GRID[i] == nbytes:
-        return _ROW_GRID[i]
-    return _ROW_GRID[max(i - 1, 0)]
+    return _ROW_GRID[bisect.bisect_left(_ROW_GRID, nbytes)]
+
+
+def _aligned(nbytes: int, to: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``to``."""
+    return nbytes + (-nbytes % to)
 
 
 def synchronize(handle):
@@ -547,14 +551,14 @@ class Kimad:
         rides = buffer is not None and cost.dense_rides(4 * buffer.numel())
         message = sum(m.numel() for m in sparse)
         if rides:
-            sparse.append(torch.zeros(-message % 4, dtype=torch.uint8))  # float32-aligned in every rank's row
-            dense_start = message + (-message % 4)
+            dense_start = _aligned(message, _FLOAT32_BYTES)  # float32-aligned in every rank's row
+            sparse.append(torch.zeros(dense_start - message, dtype=torch.uint8))
             sparse.append(buffer.view(torch.uint8))
             message = dense_start + 4 * buffer.numel()
         # the grid's row at or above the message (zero-padded): the target row when the plan filled it. An all-dense
         # plan has the same size every step (cached under its name as it is): no padding.
         all_dense = all(entry.fmt is MessageFormat.DENSE32 for entry in plan.entries)
-        per_rank = message + (-message % 8) if all_dense else row_grid(message)
+        per_rank = _aligned(message, _ROW_ALIGN) if all_dense else row_grid(message)
         sparse.append(torch.zeros(per_rank - message, dtype=torch.uint8))
         send = torch.cat(sparse)
         self._row = (per_rank, 4 * buffer.numel() if rides else 0)
@@ -625,9 +629,12 @@ class Kimad:
         dense_s = cost.message_time(MessageFormat.DENSE32, riding)
 
         def seconds(row: int) -> float:
-            return cost.message_time(MessageFormat.TOPK, max(0, row - riding - DIGEST_PREFIX_BYTES - 3)) + dense_s
+            # (less the most the riding buffer's alignment can take)
+            message = row - riding - DIGEST_PREFIX_BYTES - (_FLOAT32_BYTES - 1)
+            return cost.message_time(MessageFormat.TOPK, max(0, message)) + dense_s
 
-        top = row_grid(dense_bytes + DIGEST_PREFIX_BYTES + 8)
+        # the row of an all-dense plan: the prefix, the dense buffer float32-aligned after it, aligned to _ROW_ALIGN
+        top = row_grid(_aligned(_aligned(DIGEST_PREFIX_BYTES, _FLOAT32_BYTES) + dense_bytes, _ROW_ALIGN))
         if not seconds(_ROW_GRID[0]) <= bytes_s or seconds(top) <= bytes_s:
             return None
         # prices rise with the row: the insertion point of bytes_s among the rows' prices, less one

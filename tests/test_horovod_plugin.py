@@ -497,10 +497,10 @@ def test_the_row_grid_is_geometric_in_multiples_of_8_bytes_and_the_same_built_an
     assert rows[0] == 8 and all(r % 8 == 0 for r in rows)
     for a, b in zip(rows, rows[1:]):  # consecutive: ROW_GRID_PERCENT apart (rounded down to 8 bytes), at least 8
         assert b - a == max(8, a * ROW_GRID_PERCENT // 100 // 8 * 8)
-    for n in (0, 1, 8, 9, 1000, 123_457):
-        up, down = row_grid(n), row_grid(n, up=False)
-        assert down <= max(n, 8) and up >= n and (up == down or row_grid(down + 1) == up)
-    assert row_grid(rows[40], up=False) == rows[40] == row_grid(rows[40])
+    for n in (0, 1, 8, 9, 1000, 123_457):  # the smallest grid row at or above n
+        up = row_grid(n)
+        assert up >= n and (up == 8 or rows[rows.index(up) - 1] < n)
+    assert row_grid(rows[40]) == rows[40] and row_grid(rows[40] + 1) == rows[41]
     with pytest.raises(kimad.KimadError, match="int >= 0"):
         row_grid(-1)
     with pytest.raises(kimad.KimadError, match="int >= 0"):
