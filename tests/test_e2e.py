@@ -193,6 +193,14 @@ def test_every_method_trains_with_the_same_seed_and_its_own_log(tmp_path):
     assert all("--quiet-wait" in c and "--eval-after" in c for c in commands.values())
 
 
+def test_a_kimad_method_may_carry_its_own_budget(tmp_path):
+    args = parse_args(["--methods", "static0.1", "kimad+", "kimad+@0.25", "kimad@2", "--budget", "auto:0.7"])
+    budgets = {m: (c := train_command(m, args, tmp_path / "log"))[c.index("--budget") + 1] for m in args.methods}
+    assert budgets == {"static0.1": "auto:0.7", "kimad+": "auto:0.7", "kimad+@0.25": "auto:0.25", "kimad@2": "auto:2"}
+    plain, budgeted = train_command("kimad+", args, tmp_path / "a"), train_command("kimad+@0.25", args, tmp_path / "a")
+    assert [w for w in plain if w not in ("auto:0.7",)] == [w for w in budgeted if w != "auto:0.25"]
+
+
 def test_without_root_it_says_so_and_runs_unshaped_on_localhost(tmp_path, monkeypatch, capsys):
     import kimad.emulate
     from kimad.bench import e2e
@@ -481,7 +489,13 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
                                          (["--budget", "auto:0"], "auto:F needs a fraction F > 0"),
                                          (["--budget", "auto:x"], "auto:F needs a fraction F > 0"),
                                          (["--budget", "-1"], "--budget must be > 0 seconds"),
-                                         (["--budget", "fast"], "--budget must be seconds, 'auto' or 'auto:F'")])
+                                         (["--budget", "fast"], "--budget must be seconds, 'auto' or 'auto:F'"),
+                                         (["--methods", "kimad+@0"], "fraction F > 0"),
+                                         (["--methods", "kimad+@x"], "fraction F > 0"),
+                                         (["--methods", "static0.1@0.5"], "only kimad"),
+                                         (["--methods", "none@1"], "only kimad"),
+                                         (["--methods", "kimad++"], "unknown method"),
+                                         (["--methods", "kimad+", "kimad+"], "names a method twice")])
 def test_bad_comparison_options_exit_2_naming_the_option(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)

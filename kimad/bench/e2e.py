@@ -55,6 +55,9 @@ METHODS: dict[str, list[str]] = {
     # Kimad+ whose menus also offer QSGD 8/4/2-bit and scaled sign (not in the default comparison).
     "kimad+q": ["--compression", "kimad", "--allocator", "layerwise", "--compressors", "topk", "qsgd", "sign"],
 }
+# A Kimad method may carry its own budget: "kimad+@0.25" is Kimad+ at 0.25 times the compute time (--budget auto:0.25
+# for that method alone), so that budgets are compared within one comparison.
+BUDGETED = ("kimad", "kimad+", "kimad+q")
 DEFAULT_METHODS = ("none", "fp16", "static0.1", "static0.01", "kimad", "kimad+")
 QUICK_METHODS = ("none", "static0.01", "kimad+")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +65,23 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class E2EError(KimadError, RuntimeError):
     """A training job of the comparison failed or never started."""
+
+
+def method_name(text: str) -> str:
+    """``--methods`` entry: a name of :data:`METHODS`, or one of :data:`BUDGETED` with ``@F`` (F > 0: its budget is
+    F times the measured compute time, whatever ``--budget`` says). Raises ``argparse.ArgumentTypeError``."""
+    base, at, fraction = text.partition("@")
+    if base not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(METHODS)}, or "
+                                         f"{'/'.join(BUDGETED)}@F (budget F times the compute time)")
+    if at:
+        if base not in BUDGETED:
+            raise argparse.ArgumentTypeError(f"{text!r}: only {', '.join(BUDGETED)} take a budget (@F)")
+        try:
+            parse_budget(f"auto:{fraction}")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: @F needs a fraction F > 0 of the compute time") from None
+    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="base rate of the trace, Mbit/s (default: 100)")
     p.add_argument("--period", type=float, default=None,
                    help="phase length of the square trace (default: 5 s), sampling period of sine/cloud (1 s)")
-    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
-                   help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; --quick: "
+    p.add_argument("--methods", nargs="+", type=method_name, default=None, metavar="METHOD",
+                   help=f"methods to compare, of {', '.join(METHODS)}; {'/'.join(BUDGETED)}@F: that method at a "
+                        f"budget of F times the compute time (default: {' '.join(DEFAULT_METHODS)}; --quick: "
                         f"{' '.join(QUICK_METHODS)})")
     p.add_argument("--seconds", type=float, default=None,
                    help="training seconds per method = the trace's duration (default: 90; --quick: 50)")
@@ -83,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evaluate (accuracy or validation loss) every this many seconds (default: 2)")
     p.add_argument("--budget", default="auto",
                    help="Kimad's communication budget per step, seconds, 'auto': half the measured compute "
-                        "time of a step, Kimad's own default, or 'auto:F': F times it (default: auto)")
+                        "time of a step, Kimad's own default, or 'auto:F': F times it; a method named with @F "
+                        "keeps its own (default: auto)")
     p.add_argument("--target", type=float, default=0.90, help="digits-cnn: target test accuracy (default: 0.90)")
     p.add_argument("--target-loss", type=float, default=None,
                    help=f"stdlib-lm: target validation loss, nats/token (default: {TARGET_LOSS})")
@@ -98,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.code_root = REPO_ROOT  # run() points it at the comparison's snapshot of the code
     if args.methods is None:
         args.methods = list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    if len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods names a method twice: {' '.join(args.methods)}")
     if args.seconds is None:
         args.seconds = 50.0 if args.quick else 90.0
     if args.nodes < 2:
@@ -119,8 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list[str]:
     """The rank command of ``method``: ``python -m kimad.bench.train`` with the comparison's options."""
-    return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[method],
-            "--budget", str(args.budget),
+    base, at, fraction = method.partition("@")
+    return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[base],
+            "--budget", f"auto:{fraction}" if at else str(args.budget),
             "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
             "--eval-every-s", str(args.eval_every_s), "--eval-after", "--quiet-wait",
             "--seed", str(args.seed), "--log-every", "100", "--step-log", str(log_path)]
