@@ -332,6 +332,7 @@ class Kimad:
                 seen.add(id(item[1]))
                 self._params.append(item)
         self._order = {name: i for i, (name, _) in enumerate(self._params)}
+        self._param_names = {id(q): name for name, q in self._params}
         self._grad_names: dict[int, str] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._results: dict[str, torch.Tensor] = {}
@@ -386,6 +387,10 @@ class Kimad:
 
     # -- lookup --------------------------------------------------------------------------------
     def _name_of(self, tensor: torch.Tensor, param=None) -> str:
+        if param is not None:  # the calling optimizer's parameter: its own .grad is the common case
+            name = self._param_names.get(id(param))
+            if name is not None and param.grad is tensor:
+                return name
         name = self._grad_names.get(id(tensor))
         if name is not None and self._params[self._order[name]][1].grad is tensor:
             return name
