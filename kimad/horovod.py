@@ -387,10 +387,10 @@ class Kimad:
 
     # -- lookup --------------------------------------------------------------------------------
     def _name_of(self, tensor: torch.Tensor, param=None) -> str:
-        if param is not None:  # the calling optimizer's parameter: its own .grad is the common case
-            name = self._param_names.get(id(param))
-            if name is not None and param.grad is tensor:
-                return name
+        # the calling optimizer's parameter names it: its own .grad is the common case
+        by_param = self._param_names.get(id(param)) if param is not None else None
+        if by_param is not None and param.grad is tensor:
+            return by_param
         name = self._grad_names.get(id(tensor))
         if name is not None and self._params[self._order[name]][1].grad is tensor:
             return name
@@ -399,9 +399,8 @@ class Kimad:
         name = self._grad_names.get(id(tensor))
         if name is None or self._params[self._order[name]][1].grad is not tensor:
             # sparse_as_dense hands over a dense copy: the calling optimizer's `p` still names it.
-            for n, q in self._params:
-                if param is not None and q is param and tensor.shape == q.shape:
-                    return n
+            if by_param is not None and tensor.shape == param.shape:
+                return by_param
             raise UnknownGradientError(
                 f"compress got a tensor of shape {tuple(tensor.shape)} that is not the .grad of any of the "
                 f"{len(self._params)} parameters given to kimad.Kimad; pass the same named_parameters to "

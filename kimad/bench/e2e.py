@@ -67,18 +67,24 @@ class E2EError(KimadError, RuntimeError):
     """A training job of the comparison failed or never started."""
 
 
+def method_parts(method: str) -> tuple[str, str | None]:
+    """``(name in METHODS, its own budget "auto:F" or None)`` of a method as ``--methods`` names it."""
+    base, at, fraction = method.partition("@")
+    return base, (f"auto:{fraction}" if at else None)
+
+
 def method_name(text: str) -> str:
     """``--methods`` entry: a name of :data:`METHODS`, or one of :data:`BUDGETED` with ``@F`` (F > 0: its budget is
     F times the measured compute time, whatever ``--budget`` says). Raises ``argparse.ArgumentTypeError``."""
-    base, at, fraction = text.partition("@")
+    base, budget = method_parts(text)
     if base not in METHODS:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(METHODS)}, or "
                                          f"{'/'.join(BUDGETED)}@F (budget F times the compute time)")
-    if at:
+    if budget is not None:
         if base not in BUDGETED:
             raise argparse.ArgumentTypeError(f"{text!r}: only {', '.join(BUDGETED)} take a budget (@F)")
         try:
-            parse_budget(f"auto:{fraction}")
+            parse_budget(budget)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: @F needs a fraction F > 0 of the compute time") from None
     return text
@@ -143,9 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list[str]:
     """The rank command of ``method``: ``python -m kimad.bench.train`` with the comparison's options."""
-    base, at, fraction = method.partition("@")
+    base, budget = method_parts(method)
     return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[base],
-            "--budget", f"auto:{fraction}" if at else str(args.budget),
+            "--budget", budget or str(args.budget),
             "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
             "--eval-every-s", str(args.eval_every_s), "--eval-after", "--quiet-wait",
             "--seed", str(args.seed), "--log-every", "100", "--step-log", str(log_path)]
