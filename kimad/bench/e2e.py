@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Kimad's communication budget per step, seconds, 'auto': half the measured compute "
                         "time of a step, Kimad's own default, or 'auto:F': F times it; a method named with @F "
                         "keeps its own (default: auto)")
+    p.add_argument("--error-feedback", choices=("ef21", "ef", "none"), default="ef21",
+                   help="error feedback of every top-k method, static and Kimad: ef21, ef (classic) or none "
+                        "(default: ef21)")
     p.add_argument("--target", type=float, default=0.90, help="digits-cnn: target test accuracy (default: 0.90)")
     p.add_argument("--target-loss", type=float, default=None,
                    help=f"stdlib-lm: target validation loss, nats/token (default: {TARGET_LOSS})")
@@ -151,7 +154,7 @@ def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list
     """The rank command of ``method``: ``python -m kimad.bench.train`` with the comparison's options."""
     base, budget = method_parts(method)
     return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[base],
-            "--budget", budget or str(args.budget),
+            "--budget", budget or str(args.budget), "--error-feedback", args.error_feedback,
             "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
             "--eval-every-s", str(args.eval_every_s), "--eval-after", "--quiet-wait",
             "--seed", str(args.seed), "--log-every", "100", "--step-log", str(log_path)]
@@ -304,7 +307,7 @@ def run(args: argparse.Namespace) -> Path:
             shaped, unshaped_reason = False, str(error)
     meta = {"workload": args.workload, "nodes": args.nodes, "trace": args.trace if shaped else None,
             "rate_mbit": args.rate if shaped else None, "period_s": args.period if shaped else None,
-            "seconds": args.seconds, "budget": args.budget,
+            "seconds": args.seconds, "budget": args.budget, "error_feedback": args.error_feedback,
             "eval_every_s": args.eval_every_s, "target": args.target,
             "target_loss": args.target_loss, "seed": args.seed, "methods": args.methods,
             "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}),

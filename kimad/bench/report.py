@@ -413,6 +413,13 @@ def _workload_text(meta: dict, metric: str) -> str:
             f"{meta['seed']}, accuracy every {meta['eval_every_s']:g} s. ")
 
 
+def _feedback_text(meta: dict) -> str:
+    """The comparison's error feedback of top-k messages (comparisons before the option: EF21, the default)."""
+    mode = meta.get("error_feedback", "ef21")
+    return {"ef21": "error feedback EF21", "ef": "classic error feedback (EF)",
+            "none": "no error feedback"}.get(mode, f"error feedback {mode}")
+
+
 def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     """The Markdown report."""
     metric, target = evaluation_target(meta)
@@ -433,7 +440,8 @@ def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
     else:
         budget = f"{budget} s per step"
     lines[-1] += (_workload_text(meta, metric) + f"Kimad budget: {budget}"
-                  f" (static top-k runs through the same plugin, ignoring it). Started {meta['started']}"
+                  f" (static top-k runs through the same plugin, ignoring it); {_feedback_text(meta)}. "
+                  f"Started {meta['started']}"
                   f"{_code_text(meta)}.")
     names, final = _figure_columns(metric, target)
     lines += ["", f"| method | {' | '.join(names)} | total bytes/rank | mean step (ms) | steps |",
@@ -567,7 +575,8 @@ def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
              f"{n} repeats of the same comparison (same seed and trace; methods in the same order within each "
              f"repeat, so slow drift of the machine touches every method alike), each with its own report and "
              f"plots in `{REPEAT_PREFIX}<i>/`. Figures: median [min-max] over the repeats. {where}, "
-             f"{meta['seconds']:g} s of training per method. Started {meta['started']}{_code_text(meta)}.", ""]
+             f"{meta['seconds']:g} s of training per method; {_feedback_text(meta)}. Started {meta['started']}"
+             f"{_code_text(meta)}.", ""]
     names, final = _figure_columns(metric, target)
     lines += [f"| method | {' | '.join(names)} | mean step (ms) | steps |", "|---|---:|---:|---:|---:|---:|"]
     methods = [m for m in meta["methods"] if all(m in runs for runs in repeats)]

@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compressors", nargs="+", choices=("topk", "qsgd", "sign"), default=["topk"],
                    help="kimad (not static): compressors the plans may use besides dense: top-k at the "
                         "density grid, QSGD 8/4/2-bit, scaled sign (default: topk)")
+    p.add_argument("--error-feedback", choices=("ef21", "ef", "none"), default="ef21",
+                   help="kimad: error feedback of the top-k messages: ef21 (Richtarik et al. 2021), ef (classic, "
+                        "Seide et al. 2014: the residual is added to the next gradient) or none (default: ef21)")
     # --step-log: horovodrun reads a bare --log after the command as an abbreviation of its own options.
     p.add_argument("--log", "--step-log", dest="log", default=None,
                    help="rank 0 appends one JSON line per step and per evaluation here (alias --step-log)")
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         compressors = ("topk",) if args.allocator == "static" else tuple(args.compressors)
         budget = AutoBudget(fraction=args.budget[1]) if isinstance(args.budget, tuple) else args.budget
         compression = Kimad(model.named_parameters(), budget_s=budget, allocator=args.allocator,
-                            densities=densities, compressors=compressors, log_every=args.log_every)
+                            densities=densities, compressors=compressors, log_every=args.log_every,
+                            error_feedback=None if args.error_feedback == "none" else args.error_feedback)
     else:
         compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
