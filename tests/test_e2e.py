@@ -168,6 +168,17 @@ def test_the_time_targets_are_also_judged_at_the_harder_target(logs):
     assert [t.what for t in report.targets(runs, 0.95)].count("kimad+ time-to-95% <= 0.8x best static") == 1
 
 
+def test_a_kimad_method_at_its_own_budget_is_judged_on_its_own_rows(logs):
+    # the same logs as "kimad+@0.25" (slower: 90% at 8 s); Kimad+ at the comparison's budget keeps its rows
+    synthetic_run(logs, "kimad+@0.25", step_s=0.2, accuracies=[0.7, 0.85, 0.85, 0.91], kimad=True, comm_factor=2.0)
+    runs = report.load_runs(logs, ["none", "static0.01", "kimad+", "kimad+@0.25"])
+    rows = {t.what: (t.figure, t.met) for t in report.targets(runs, TARGET)}
+    assert rows["kimad+ time-to-90% <= 0.8x best static"] == ("0.60x (6.0 s vs 10.0 s)", True)
+    assert rows["kimad+@0.25 time-to-90% <= 0.8x best static"] == ("0.80x (8.0 s vs 10.0 s)", True)
+    assert rows["kimad+@0.25: comm time within ±25% of budget on >= 80% of steps"] == ("0.0% of steps", False)
+    assert "kimad+@0.25 final accuracy within 1 point of uncompressed" in rows
+
+
 def test_a_target_never_reached_by_kimad_plus_is_not_met(logs):
     synthetic_run(logs, "kimad+", step_s=0.2, accuracies=[0.5, 0.6], kimad=True)
     figure, met = target_rows(logs)["kimad+ time-to-90% <= 0.5x uncompressed"]
@@ -516,3 +527,18 @@ def test_the_report_names_a_fractional_auto_budget(logs):
     meta = json.loads((logs / "meta.json").read_text())
     (logs / "meta.json").write_text(json.dumps({**meta, "budget": "auto:1"}))
     assert "Kimad budget: auto (1 times the measured compute time of a step)" in report.write_report(logs).read_text()
+
+
+def test_every_top_k_method_trains_with_the_comparisons_error_feedback(logs, tmp_path):
+    from kimad.bench.train import parse_args as train_args
+
+    for given, mode in (([], "ef21"), (["--error-feedback", "ef"], "ef")):
+        args = parse_args(["--methods", "static0.1", "kimad+", "kimad+@0.25", *given])
+        for method in args.methods:
+            command = train_command(method, args, tmp_path / "log")
+            assert command[command.index("--error-feedback") + 1] == mode
+            assert train_args(command[3:]).error_feedback == mode  # what the rank parses
+    meta = json.loads((logs / "meta.json").read_text())
+    assert "error feedback EF21" in report.write_report(logs).read_text()  # a comparison from before the option
+    (logs / "meta.json").write_text(json.dumps({**meta, "error_feedback": "ef"}))
+    assert "classic error feedback (EF)" in report.write_report(logs).read_text()
