@@ -1,24 +1,27 @@
 """Steps to a target against top-k density, on simulated data-parallel workers (no network).
 
     python benchmarks/density_steps.py [--workload digits-cnn] [--densities 0.003 0.01 0.03 0.1 1]
-                                       [--plan NAME=D,NAME=D ...] [--workers 4] [--seeds 3]
-                                       [--max-steps 200] [--json PATH]
+                                       [--plan NAME=D,NAME=D ...] [--error-feedback ef21 ef] [--workers 4]
+                                       [--seeds 3] [--max-steps 200] [--json PATH]
 
-How many steps does training need when every gradient goes through top-k with EF21 at density ``d``, and
-how does that follow the compression error the controller minimises? ``--workers`` workers take turns on
+How many steps does training need when every gradient goes through top-k with error feedback at density ``d``,
+and how does that follow the compression error the controller minimises? ``--workers`` workers take turns on
 one model (each on its own shard, batch 32, the seed's shuffling, SGD lr 0.05 momentum 0.9, as
 ``kimad.bench.train``); every tensor of at least 1,024 elements (the menus' ``min_compress_numel``) goes
 through :func:`kimad.ops.topk_encode` (EF21: worker state ``h += TopK(g - h)``) at ``k = ceil(d * numel)``,
 smaller ones are sent dense (a ``--plan`` row instead gives the named tensors their own density and sends
 every other one dense, as Kimad+'s knapsack does with small layers), and the step's gradient is the mean
-of the workers' ``h`` (EF21's global estimate). The model is evaluated every ``--eval-every`` steps (test
+of the workers' ``h`` (EF21's global estimate). ``--error-feedback ef`` (classic EF, Seide et al. 2014; the plugin's
+``error_feedback="ef"``) keeps each worker's residual ``e`` instead, sends ``TopK(g + e)``, keeps
+``e = g + e - TopK(g + e)``, and the step's gradient is the mean of the messages; several modes give a row per
+mode and density. The model is evaluated every ``--eval-every`` steps (test
 accuracy of the digits CNN, or validation loss of the language model) until the harder target is met or
 ``--max-steps`` pass.
 
 Output, per density or plan: median [min-max] over seeds of the steps to each target; ``delta``, the
-median over steps of the step's relative compression error ``sum ||v - TopK(v)||^2 / sum ||v||^2`` over every tensor
-(``v = g - h``, dense tensors count with zero error), from step 5 on -- what Kimad+'s knapsack minimises
-under its budget; and ``dense / (1 - delta)``, the steps the dense run's median would become if each
+median over steps of the step's relative compression error ``sum ||v - TopK(v)||^2 / sum ||v||^2`` over every
+tensor (``v = g - h``, or ``g + e`` with EF; dense tensors count with zero error), from step 5 on -- what Kimad+'s
+knapsack minimises under its budget; and ``dense / (1 - delta)``, the steps the dense run's median would become if each
 step moved the model by its share ``1 - delta`` only: a naive model of what the error costs, to hold
 against the measured steps (on the digits CNN the measured steps do not follow it: which layers lose
 their entries matters more than the total error, see issue 6's notes).
@@ -57,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="top-k densities to compare, each in (0, 1] (default: 0.003 0.01 0.03 0.1 1)")
     p.add_argument("--plan", nargs="+", default=[], metavar="NAME=D,NAME=D",
                    help="extra rows: these tensors at these densities, every other tensor dense")
+    p.add_argument("--error-feedback", nargs="+", choices=("ef21", "ef"), default=["ef21"],
+                   help="error feedback of the top-k messages, one row per mode and density: ef21 (the "
+                        "worker's estimate h) or ef (classic: the worker's residual e) (default: ef21)")
     p.add_argument("--workers", type=int, default=4, help="simulated data-parallel workers (default: 4)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per density: 0 .. N-1 (default: 3)")
     p.add_argument("--max-steps", type=int, default=200, help="give up on a target after this many steps")
@@ -102,9 +108,11 @@ def plan_error(plan: dict[str, float], names: list[str]) -> str | None:
 
 
 def train(workload: str, density: float | dict[str, float], workers: int, seed: int, max_steps: int,
-          eval_every: int) -> dict:
-    """One simulated run at a uniform ``density`` or a plan ``{tensor name: density}`` (others dense):
-    ``{"steps": {target: step or None}, "delta": [per-step relative error]}``."""
+          eval_every: int, feedback: str = "ef21") -> dict:
+    """One simulated run at a uniform ``density`` or a plan ``{tensor name: density}`` (others dense), with
+    ``feedback`` ``"ef21"`` or ``"ef"``: ``{"steps": {target: step or None}, "delta": [per-step relative error]}``."""
+    if feedback not in ("ef21", "ef"):
+        raise ValueError(f"feedback must be 'ef21' or 'ef', got {feedback!r}")
     torch.manual_seed(seed)
     data, held_out, model, loss_fn, evaluate = load_workload(workload, seed)
     metric = WORKLOADS[workload][1]
@@ -132,9 +140,14 @@ def train(workload: str, density: float | dict[str, float], workers: int, seed: 
                 grad, h = p.grad.detach().reshape(-1), states[rank][name]
                 d = density.get(name, 1.0) if isinstance(density, dict) else density
                 k = p.numel() if p.numel() < MIN_COMPRESS_NUMEL else math.ceil(d * p.numel())
-                message = topk_encode(grad, h, k, mode="ef21", name=name)  # h += TopK(grad - h)
+                # EF21: h += TopK(grad - h), the workers' h averaged; EF: e = grad + e - TopK(grad + e), the
+                # messages averaged
+                message = topk_encode(grad, h, k, mode=feedback, name=name)
                 sq_error, sq_norm = sq_error + message.sq_error, sq_norm + message.sq_norm
-                total[name] += h
+                if feedback == "ef21":
+                    total[name] += h
+                else:
+                    total[name].index_add_(0, message.indices.long(), message.values)
         deltas.append(sq_error / sq_norm if sq_norm > 0 else 0.0)
         for name, p in params:
             p.grad = (total[name] / workers).view_as(p)
@@ -162,27 +175,32 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     metric = WORKLOADS[args.workload][1]
     targets = TARGETS[metric]
-    densities = sorted(set(args.densities), reverse=True) + args.plan
-    jobs = [(i, d, seed) for i, d in enumerate(densities) for seed in range(args.seeds)]
-    results: list[list[dict]] = [[] for _ in densities]
-    for i, d, seed in tqdm(jobs, desc="runs", unit="run", file=sys.stderr):
-        results[i].append(train(args.workload, d, args.workers, seed, args.max_steps, args.eval_every))
-    dense = next(([r["steps"][targets[0]] for r in runs] for d, runs in zip(densities, results) if d == 1.0), [])
+    modes = list(dict.fromkeys(args.error_feedback))
+    # Dense sends every entry under either mode (EF21's h becomes g, EF's residual stays 0): run it once.
+    configs = [(mode, d) for d in sorted(set(args.densities), reverse=True) + args.plan
+               for mode in (modes[:1] if d == 1.0 else modes)]
+    jobs = [(i, mode, d, seed) for i, (mode, d) in enumerate(configs) for seed in range(args.seeds)]
+    results: list[list[dict]] = [[] for _ in configs]
+    for i, mode, d, seed in tqdm(jobs, desc="runs", unit="run", file=sys.stderr):
+        results[i].append(train(args.workload, d, args.workers, seed, args.max_steps, args.eval_every, mode))
+    dense = next(([r["steps"][targets[0]] for r in runs] for (_, d), runs in zip(configs, results) if d == 1.0), [])
     dense_steps = statistics.median(dense) if dense and None not in dense else None
     unit = "accuracy" if metric == "accuracy" else "loss"
     head = " | ".join(f"steps to {unit} {t:g}" for t in targets)
-    print(f"{args.workload}, {args.workers} workers, top-k + EF21, {args.seeds} seeds (median [min-max])\n")
-    print(f"| density or plan | {head} | delta | dense / (1 - delta), to {unit} {targets[0]:g} |")
-    print("|---:|" + "---:|" * (len(targets) + 2))
+    names = {"ef21": "EF21", "ef": "EF"}
+    print(f"{args.workload}, {args.workers} workers, top-k + {' or '.join(names[m] for m in modes)}, "
+          f"{args.seeds} seeds (median [min-max])\n")
+    print(f"| density or plan | error feedback | {head} | delta | dense / (1 - delta), to {unit} {targets[0]:g} |")
+    print("|---:|---|" + "---:|" * (len(targets) + 2))
     rows = []
-    for d, runs in zip(densities, results):
+    for (mode, d), runs in zip(configs, results):
         label = ", ".join(f"{n} {v:g}" for n, v in d.items()) if isinstance(d, dict) else f"{d:g}"
         delta = statistics.median(x for r in runs for x in (r["delta"][5:] or r["delta"]))
         model = f"{dense_steps / (1 - delta):.0f}" if dense_steps is not None and delta < 1 else "-"
         cells = " | ".join(_steps_text([r["steps"][t] for r in runs], args.max_steps) for t in targets)
-        print(f"| {label} | {cells} | {delta:.3f} | {model} |")
-        rows.append({"density": d, "steps": {str(t): [r["steps"][t] for r in runs] for t in targets},
-                     "delta": delta})
+        print(f"| {label} | {'-' if d == 1.0 else names[mode]} | {cells} | {delta:.3f} | {model} |")
+        rows.append({"density": d, "error_feedback": mode,
+                     "steps": {str(t): [r["steps"][t] for r in runs] for t in targets}, "delta": delta})
     if dense_steps is None:
         print("\n(the last column needs density 1 among --densities, every seed reaching the first target)")
     if args.json:
