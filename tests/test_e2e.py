@@ -542,3 +542,10 @@ def test_every_top_k_method_trains_with_the_comparisons_error_feedback(logs, tmp
     assert "error feedback EF21" in report.write_report(logs).read_text()  # a comparison from before the option
     (logs / "meta.json").write_text(json.dumps({**meta, "error_feedback": "ef"}))
     assert "classic error feedback (EF)" in report.write_report(logs).read_text()
+
+
+def test_the_error_feedback_choices_are_the_plugins_modes():
+    from kimad.bench.train import FEEDBACK_CHOICES
+    from kimad.feedback import MODES
+
+    assert FEEDBACK_CHOICES == tuple(mode or "none" for mode in MODES)

@@ -40,8 +40,8 @@ import threading
 import time
 from pathlib import Path
 
-from kimad.bench.report import TARGET_LOSS
-from kimad.bench.train import WORKLOADS, parse_budget
+from kimad.bench.report import TARGET_LOSS, method_parts
+from kimad.bench.train import FEEDBACK_CHOICES, WORKLOADS, parse_budget
 from kimad.errors import KimadError
 
 # method -> arguments of kimad.bench.train (the budget is added for Kimad's plugin).
@@ -65,12 +65,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class E2EError(KimadError, RuntimeError):
     """A training job of the comparison failed or never started."""
-
-
-def method_parts(method: str) -> tuple[str, str | None]:
-    """``(name in METHODS, its own budget "auto:F" or None)`` of a method as ``--methods`` names it."""
-    base, at, fraction = method.partition("@")
-    return base, (f"auto:{fraction}" if at else None)
 
 
 def method_name(text: str) -> str:
@@ -112,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Kimad's communication budget per step, seconds, 'auto': half the measured compute "
                         "time of a step, Kimad's own default, or 'auto:F': F times it; a method named with @F "
                         "keeps its own (default: auto)")
-    p.add_argument("--error-feedback", choices=("ef21", "ef", "none"), default="ef21",
+    p.add_argument("--error-feedback", choices=FEEDBACK_CHOICES, default="ef21",
                    help="error feedback of every top-k method, static and Kimad: ef21, ef (classic) or none "
                         "(default: ef21)")
     p.add_argument("--target", type=float, default=0.90, help="digits-cnn: target test accuracy (default: 0.90)")

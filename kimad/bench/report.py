@@ -213,9 +213,16 @@ class Target:
                 "nats": f"{value:+.3f} nats/token"}.get(self.unit, f"{value:.2f}x")
 
 
+def method_parts(name: str) -> tuple[str, str | None]:
+    """``(method, its own budget "auto:F" or None)`` of a comparison's method name: ``kimad+@0.25`` is Kimad+ at
+    0.25 times the compute time, ``("kimad+", "auto:0.25")``. The one reader of the ``@F`` syntax."""
+    base, at, fraction = name.partition("@")
+    return base, (f"auto:{fraction}" if at else None)
+
+
 def base_method(name: str) -> str:
-    """The method a comparison's name runs: ``kimad+@0.25`` (Kimad+ at its own budget) is ``kimad+``."""
-    return name.partition("@")[0]
+    """The method a comparison's name runs: ``kimad+@0.25`` is ``kimad+``."""
+    return method_parts(name)[0]
 
 
 def targets(runs: dict[str, Run], target: float) -> list[Target]:

@@ -48,6 +48,7 @@ import time
 import torch
 
 # --workload -> (its name in the final JSON line, the evaluation's figure in the log)
+FEEDBACK_CHOICES = ("ef21", "ef", "none")  # kimad.feedback.MODES as --error-feedback spells them (None: "none")
 WORKLOADS = {"digits-cnn": ("mnist-digits-cnn", "accuracy"), "stdlib-lm": ("stdlib-char-lm", "val_loss")}
 
 
@@ -111,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compressors", nargs="+", choices=("topk", "qsgd", "sign"), default=["topk"],
                    help="kimad (not static): compressors the plans may use besides dense: top-k at the "
                         "density grid, QSGD 8/4/2-bit, scaled sign (default: topk)")
-    p.add_argument("--error-feedback", choices=("ef21", "ef", "none"), default="ef21",
+    p.add_argument("--error-feedback", choices=FEEDBACK_CHOICES, default="ef21",
                    help="kimad: error feedback of the top-k messages: ef21 (Richtarik et al. 2021), ef (classic, "
                         "Seide et al. 2014: the residual is added to the next gradient) or none (default: ef21)")
     # --step-log: horovodrun reads a bare --log after the command as an abbreviation of its own options.
