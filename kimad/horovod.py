@@ -552,20 +552,21 @@ class Kimad:
         # e + f: one allgather (digest prefix, sparse messages, and the dense buffer when riding along is cheaper
         # than an allreduce of its own), verified before any dense allreduce.
         buffer = torch.cat(dense) if dense else None
-        rides = buffer is not None and cost.dense_rides(4 * buffer.numel())
+        dense_bytes = 0 if buffer is None else _FLOAT32_BYTES * buffer.numel()
+        rides = buffer is not None and cost.dense_rides(dense_bytes)
         message = sum(m.numel() for m in sparse)
         if rides:
             dense_start = _aligned(message, _FLOAT32_BYTES)  # float32-aligned in every rank's row
             sparse.append(torch.zeros(dense_start - message, dtype=torch.uint8))
             sparse.append(buffer.view(torch.uint8))
-            message = dense_start + 4 * buffer.numel()
+            message = dense_start + dense_bytes
         # the grid's row at or above the message (zero-padded): the target row when the plan filled it. An all-dense
         # plan has the same size every step (cached under its name as it is): no padding.
         all_dense = all(entry.fmt is MessageFormat.DENSE32 for entry in plan.entries)
         per_rank = _aligned(message, _ROW_ALIGN) if all_dense else row_grid(message)
         sparse.append(torch.zeros(per_rank - message, dtype=torch.uint8))
         send = torch.cat(sparse)
-        self._row = (per_rank, 4 * buffer.numel() if rides else 0)
+        self._row = (per_rank, dense_bytes if rides else 0)
         self._row_cached = per_rank in self._rows_seen
         self._rows_seen.add(per_rank)
         # the padding's time (what the plan left of the row it was priced to fill, or up to a grid step)
@@ -580,7 +581,7 @@ class Kimad:
         self._dense_route = None if buffer is None else ("allgather" if rides else "allreduce")
         dense_sum = None
         if rides:
-            dense_rows = gathered.view(world, per_rank)[:, dense_start: dense_start + 4 * buffer.numel()]
+            dense_rows = gathered.view(world, per_rank)[:, dense_start: dense_start + dense_bytes]
             dense_rows = dense_rows.view(torch.float32)
             dense_sum = dense_rows[0].clone()
             for r in range(1, world):  # in rank order on every rank: bit-identical sums everywhere
@@ -589,7 +590,7 @@ class Kimad:
             t0 = time.perf_counter()
             # named by size as the allgather is: Horovod's cache holds each set of dense tensors' shape once seen
             dense_sum = synchronize(hvd.allreduce_async(buffer, op=hvd.Sum, name=f"kimad.dense.{buffer.numel()}"))
-            samples.append(("allreduce", 4 * buffer.numel(), time.perf_counter() - t0))
+            samples.append(("allreduce", dense_bytes, time.perf_counter() - t0))
 
         # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.
         t_decode = time.perf_counter()

@@ -115,35 +115,37 @@ def main() -> int:
         # that differs by machine. What is checked here is the allreduce route and what it feeds the estimator (the
         # choice itself is checked on the fixed links of --ride and the compressed phase below), so it is forced.
         CostModel.dense_rides = lambda self, nbytes: False
-    routes_seen, prev_bytes = [], 0
-    for step in range(args.steps):
-        expected = train_step(ref, ref_opt, step, args, dtype, args.keep_grads)
-        got = train_step(mine, my_opt, step, args, dtype, args.keep_grads)
-        assert set(got) == set(expected), (sorted(got), sorted(expected))
-        for name, g in got.items():
-            assert g.dtype == dtype, f"{name}: {g.dtype}"
-            if not torch.allclose(g.float(), expected[name].float(), **tol):
-                diff = (g.float() - expected[name].float()).abs().max()
-                raise AssertionError(f"rank {rank} step {step}: gradient {name!r} differs by {diff:.3g}")
-        labels = {t["option"] for t in compression.metrics["tensors"].values()}
-        assert labels == {"dense32"}, labels
-        # Two ranks: gathering the dense buffer costs no more than allreducing it; a 1 s latency makes it ride.
-        if hvd.size() == 2 or args.ride:
-            assert compression.metrics["dense_route"] == "allgather", compression.metrics["dense_route"]
-        if step > 0 and routes_seen[-1] == "allreduce":
-            # all dense: the allgather held the digest prefix alone, so the allreduce after it was fed
-            prefix = kimad.horovod.DIGEST_PREFIX_BYTES
-            assert [s[:2] for s in compression.metrics["link_samples"]] == [
-                ["allgather", prefix], ["allreduce", prev_bytes - prefix],
-                ["allgather", compression.metrics["agree_bytes"]]], compression.metrics["link_samples"]
-            assert math.isclose(compression.metrics["prev_link_comm_s"],
-                                sum(s[2] for s in compression.metrics["link_samples"][:2]), rel_tol=1e-9)
-        routes_seen.append(compression.metrics["dense_route"])
-        prev_bytes = compression.metrics["actual_bytes"]
-    routes = {"dense": compression.metrics["dense_route"]}
+    try:
+        routes_seen, prev_bytes = [], 0
+        for step in range(args.steps):
+            expected = train_step(ref, ref_opt, step, args, dtype, args.keep_grads)
+            got = train_step(mine, my_opt, step, args, dtype, args.keep_grads)
+            assert set(got) == set(expected), (sorted(got), sorted(expected))
+            for name, g in got.items():
+                assert g.dtype == dtype, f"{name}: {g.dtype}"
+                if not torch.allclose(g.float(), expected[name].float(), **tol):
+                    diff = (g.float() - expected[name].float()).abs().max()
+                    raise AssertionError(f"rank {rank} step {step}: gradient {name!r} differs by {diff:.3g}")
+            labels = {t["option"] for t in compression.metrics["tensors"].values()}
+            assert labels == {"dense32"}, labels
+            # Two ranks: gathering the dense buffer costs no more than allreducing it; a 1 s latency makes it ride.
+            if hvd.size() == 2 or args.ride:
+                assert compression.metrics["dense_route"] == "allgather", compression.metrics["dense_route"]
+            if step > 0 and routes_seen[-1] == "allreduce":
+                # all dense: the allgather held the digest prefix alone, so the allreduce after it was fed
+                prefix = kimad.horovod.DIGEST_PREFIX_BYTES
+                assert [s[:2] for s in compression.metrics["link_samples"]] == [
+                    ["allgather", prefix], ["allreduce", prev_bytes - prefix],
+                    ["allgather", compression.metrics["agree_bytes"]]], compression.metrics["link_samples"]
+                assert math.isclose(compression.metrics["prev_link_comm_s"],
+                                    sum(s[2] for s in compression.metrics["link_samples"][:2]), rel_tol=1e-9)
+            routes_seen.append(compression.metrics["dense_route"])
+            prev_bytes = compression.metrics["actual_bytes"]
+        routes = {"dense": compression.metrics["dense_route"]}
+    finally:  # the real rule back, also when a check above fails
+        CostModel.dense_rides = real_dense_rides
     if hvd.size() > 2 and not args.ride:  # (so the check that the allreduce is fed above ran)
         assert routes_seen == ["allreduce"] * args.steps, routes_seen
-        CostModel.dense_rides = real_dense_rides
     assert "frozen.weight" not in compression.metrics["tensors"]
 
     # The same configuration compressed: top-k + EF21 at a tiny budget (fixed link model).
