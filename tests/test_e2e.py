@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kimad.bench import report
-from kimad.bench.e2e import parse_args, train_command
+from kimad.bench.e2e import METHODS, parse_args, train_command
 
 T0 = 1_800_000_000.0  # Unix time of the synthetic runs' start
 TARGET = 0.9
@@ -202,6 +202,16 @@ def test_every_method_trains_with_the_same_seed_and_its_own_log(tmp_path):
     assert commands["static0.01"][commands["static0.01"].index("--allocator") + 1] == "static"
     # every method waits the same way and is evaluated the same way (the baselines included)
     assert all("--quiet-wait" in c and "--eval-after" in c for c in commands.values())
+
+
+def test_each_static_method_runs_static_top_k_at_the_density_its_name_gives(tmp_path):
+    statics = [m for m in METHODS if m.startswith("static")]
+    assert {"static0.1", "static0.03", "static0.01"} <= set(statics)
+    args = parse_args(["--methods", *statics])
+    for method in statics:
+        command = train_command(method, args, tmp_path / "log")
+        assert command[command.index("--allocator") + 1] == "static"
+        assert float(command[command.index("--density") + 1]) == float(method.removeprefix("static"))
 
 
 def test_a_kimad_method_may_carry_its_own_budget(tmp_path):
