@@ -38,6 +38,7 @@ def synthetic_run(out: Path, method: str, *, step_s: float, accuracies: list[flo
             rate = 100e6 if i < 20 + lag_steps else 20e6
             entry.update(bandwidth_bps=rate * estimate_factor, latency_s=1e-4, budget_s=0.05,
                          comm_s=0.05 * comm_factor, predicted_comm_s=0.05, over_budget=False, kimad_step_s=0.06,
+                         agree_s=0.004, plan_s=0.002,
                          density={"fc.weight": 0.1 if i < 20 else 0.02, "fc.bias": 1.0})
         steps.append(entry)
     evals = [{"eval": True, "step": 10 * (j + 1), "t": 10 * (j + 1) * step_s, "train_s": 10 * (j + 1) * step_s,
@@ -77,6 +78,12 @@ def test_report_has_a_row_per_method_with_time_to_target_final_accuracy_and_byte
 def test_report_gives_the_median_kimad_plugin_step_of_each_plugin_method(logs):
     text = report.write_report(logs).read_text()
     assert "static0.01 60.0 ms, kimad+ 60.0 ms." in text
+
+
+def test_report_names_the_control_work_the_static_baseline_pays_through_the_plugin(logs):
+    text = report.write_report(logs).read_text()
+    assert "agree allgather and the plan (median per step): static0.01 6.0 ms, kimad+ 6.0 ms." in text
+    assert "GRACE/DGC-style implementation without Kimad's controller would not" in text
 
 
 def test_report_writes_every_plot_it_links(logs):
