@@ -80,6 +80,13 @@ needs all gradients at once (one plan for the whole step), so:
       EF21: the optimizer sees (a copy of) the global estimate ``H += c``; EF / None: it sees ``c``.
 3. ``decompress`` returns the tensor's result, reshaped and cast to the gradient's dtype.
 
+A static plan (``allocator="static"``: top-k at one fixed density, the GRACE/DGC baseline) depends on nothing the
+ranks would agree on, so it skips b and c: no error profiles, no agree allgather (on 4 emulated nodes at
+100 Mbit/s that collective alone took 9-17 ms of a 137 ms step), no link samples (the cost model that routes the
+dense tensors stays at the prior, or the fixed link, on every rank alike). Its row is the same size every step
+(aligned, not padded to the grid) and gathered under one name, ``kimad.static``: ranks whose options differ gather
+rows of different sizes or digests, and (f) stops them all with :class:`PlanMismatchError`.
+
 Budget and batching (:meth:`~kimad.control.cost.CostModel.batched_byte_budget`): Kimad sends a whole
 step in one allgather (and an allreduce only for a dense part too large to ride along, see e), so
 the controller is ``batched``: it prices every option by its bytes only, and the allocator gets the
@@ -108,6 +115,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -224,7 +232,9 @@ class Kimad:
         budget_s: seconds of communication per step (> 0), ``"auto"`` (half the measured compute time of a
             step), or a :class:`kimad.control.FixedBudget` / :class:`kimad.control.AutoBudget` (e.g.
             ``AutoBudget(fraction=1.0)``: as long as the compute).
-        allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad) or ``"lagrangian"``.
+        allocator: ``"layerwise"`` (Kimad+), ``"uniform"`` (Kimad), ``"lagrangian"``, or ``"static"`` (top-k at
+            the one density of ``densities`` for every tensor of at least ``min_compress_numel`` elements, dense
+            below: the GRACE/DGC baseline; it skips profiling and the agree allgather, module docstring).
         compressors: besides dense, which compressors plans may use: ``"topk"`` (at ``densities``),
             ``"qsgd"`` (8, 4 and 2 bits) and ``"sign"`` (scaled sign), in buckets of ``DEFAULT_BUCKET`` elements.
         error_feedback: ``"ef21"`` (default), ``"ef"`` or ``None``.
@@ -315,6 +325,8 @@ class Kimad:
                                      min_compress_numel=min_compress_numel, estimator=estimator, batched=True,
                                      fill=fill_budget)
         self.budget = self.controller.budget  # the user's: FixedBudget or AutoBudget
+        # a static plan needs nothing from the other ranks: no profiles, no agree allgather (module docstring)
+        self._static = allocator == "static"
         # the options a plan depends on, in every step's fingerprint (_fingerprint)
         self._options = repr((self.budget, allocator, compressors, error_feedback, densities, min_compress_numel,
                               bandwidth_bps, latency_s, framing, self.min_byte_share, fill_budget))
@@ -457,7 +469,136 @@ class Kimad:
         self._pending = {}
         scale = 1.0 / world if self._op == hvd.Average else 1.0
 
-        # b + c: profiles and last step's measurements, averaged over ranks in one collective.
+        # b + c: profiles and last step's measurements, averaged over ranks in one collective (static: local only).
+        inputs = self._local_inputs if self._static else self._agree
+        profile_values, profile_s, agree_s, agree_bytes, avg_compute_s, link_s, fed = inputs(names, grads, started)
+        t_plan = time.perf_counter()
+        profiles, pos = [], 0
+        for name, g in zip(names, grads):
+            m, quant = len(self._ks(g.numel())), self._quantized(g.numel())
+            values = [max(0.0, e) for e in profile_values[pos: pos + 1 + m + 4 * quant]]
+            qsgd = dict(zip(QSGD_BITS, values[1 + m: 4 + m])) if quant else None
+            profiles.append(TensorProfile(name, g.numel(), values[0], tuple(values[1: 1 + m]), qsgd_errors=qsgd,
+                                          sign_error=values[4 + m] if quant else None))
+            pos += 1 + m + 4 * quant
+        cost = CostModel.from_estimate(self.controller.estimate(), world)
+        user_budget = self.budget.budget_s()
+        bytes_s, issued = cost.batched_byte_budget(
+            [self._compressible(g.numel()) for g in grads], [g.numel() for g in grads], user_budget,
+            self.min_byte_share)
+        target = self._target_row(self.controller.cost_model(), bytes_s,  # (batched, as the plan prices)
+                                  4 * sum(g.numel() for g in grads))
+        # (a static plan ignores the budget; priced at inf, it holds nothing one rank measured alone, as the budget
+        # from this rank's compute time, and so plans the same on every rank)
+        self.controller.budget.bytes_s = math.inf if self._static else (bytes_s if target is None else target[1])
+        plan = self.controller.plan(profiles, step=self.step)
+        digest = plan.digest()
+        t_encode = time.perf_counter()
+        plan_s = t_encode - t_plan
+
+        # d: encode per plan.
+        prefix = torch.tensor(list(bytes.fromhex(digest[: 2 * DIGEST_PREFIX_BYTES])), dtype=torch.uint8)
+        sparse, dense, local_errors = [prefix], [], {}
+        for index, (entry, name, g) in enumerate(zip(plan.entries, names, grads)):
+            if entry.fmt is MessageFormat.TOPK:
+                msg = fb.encode_topk(name, g, entry.k)
+                sparse.append(encode_topk(msg.values, msg.indices, g.numel(), name=name).cpu())
+                local_errors[name] = msg.sq_error
+            elif entry.fmt in (MessageFormat.QSGD, MessageFormat.SIGN):
+                quantized = fb.encode_quantized(name, g, entry.fmt.value, bits=entry.bits, bucket=DEFAULT_BUCKET,
+                                                seed=self._seed(index))
+                sparse.append(quantized.payload.cpu())
+                local_errors[name] = quantized.sq_error
+            elif entry.fmt is MessageFormat.DENSE32:
+                v = fb.correct(name, g)
+                fb.sent_dense(name, v)
+                dense.append(v.view(-1))
+                local_errors[name] = 0.0
+            else:
+                raise KimadError(f"plan chose {entry.fmt.value} for {name!r}; the Horovod plugin sends topk, qsgd, "
+                                 "sign or dense32")
+
+        # e + f: one allgather (digest prefix, sparse messages, and the dense buffer when riding along is cheaper
+        # than an allreduce of its own), verified before any dense allreduce.
+        buffer = torch.cat(dense) if dense else None
+        dense_bytes = 0 if buffer is None else _FLOAT32_BYTES * buffer.numel()
+        rides = buffer is not None and cost.dense_rides(dense_bytes)
+        message = sum(m.numel() for m in sparse)
+        if rides:
+            dense_start = _aligned(message, _FLOAT32_BYTES)  # float32-aligned in every rank's row
+            sparse.append(torch.zeros(dense_start - message, dtype=torch.uint8))
+            sparse.append(buffer.view(torch.uint8))
+            message = dense_start + dense_bytes
+        # the grid's row at or above the message (zero-padded): the target row when the plan filled it. An all-dense
+        # or a static plan has the same size every step (cached under its name as it is): no padding.
+        all_dense = all(entry.fmt is MessageFormat.DENSE32 for entry in plan.entries)
+        per_rank = _aligned(message, _ROW_ALIGN) if all_dense or self._static else row_grid(message)
+        sparse.append(torch.zeros(per_rank - message, dtype=torch.uint8))
+        send = torch.cat(sparse)
+        self._row = (per_rank, dense_bytes if rides else 0)
+        self._row_cached = per_rank in self._rows_seen
+        self._rows_seen.add(per_rank)
+        # the padding's time (what the plan left of the row it was priced to fill, or up to a grid step)
+        predicted_comm_s = plan.total_time_s + issued + (
+            cost.allgather(per_rank) - cost.allgather(message) if world > 1 else 0.0)
+        t0 = time.perf_counter()
+        encode_s = t0 - t_encode
+        # (static: one name whatever the size, so that ranks whose plans differ gather rows of different sizes, which
+        # _verify rejects, instead of waiting in collectives of different names)
+        row_name = "kimad.static" if self._static else f"kimad.sparse.{per_rank}"
+        gathered = synchronize(hvd.allgather_async(send, name=row_name))
+        gather_s = time.perf_counter() - t0
+        self._verify(gathered, prefix, per_rank, plan)
+        samples = [("allgather", per_rank, gather_s)]
+        self._dense_route = None if buffer is None else ("allgather" if rides else "allreduce")
+        dense_sum = None
+        if rides:
+            dense_rows = gathered.view(world, per_rank)[:, dense_start: dense_start + dense_bytes]
+            dense_rows = dense_rows.view(torch.float32)
+            dense_sum = dense_rows[0].clone()
+            for r in range(1, world):  # in rank order on every rank: bit-identical sums everywhere
+                dense_sum += dense_rows[r]
+        elif buffer is not None:
+            t0 = time.perf_counter()
+            # named by size as the allgather is: Horovod's cache holds each set of dense tensors' shape once seen
+            dense_sum = synchronize(hvd.allreduce_async(buffer, op=hvd.Sum, name=f"kimad.dense.{buffer.numel()}"))
+            samples.append(("allreduce", dense_bytes, time.perf_counter() - t0))
+
+        # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.
+        t_decode = time.perf_counter()
+        sparse_pos, dense_pos = DIGEST_PREFIX_BYTES, 0
+        for entry, name, g in zip(plan.entries, names, grads):
+            n = g.numel()
+            if entry.fmt is MessageFormat.DENSE32:
+                c = dense_sum[dense_pos: dense_pos + n] * scale
+                dense_pos += n
+                estimate = fb.estimate(name, c.view(g.shape))
+            else:
+                segments = [gathered[r * per_rank + sparse_pos: r * per_rank + sparse_pos + entry.bytes].to(g.device)
+                            for r in range(world)]
+                sparse_pos += entry.bytes
+                if entry.fmt is MessageFormat.TOPK:
+                    messages = [decode_topk(seg, n, name=name) for seg in segments]
+                    estimate = fb.estimate_topk(name, messages, g, scale)
+                else:
+                    estimate = fb.estimate_quantized(name, segments, g, scale, fmt=entry.fmt.value, bits=entry.bits,
+                                                     bucket=DEFAULT_BUCKET)
+            self._results[name] = estimate.to(g.dtype).view(g.shape)
+
+        ended = time.perf_counter()
+        timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
+        self._record(plan, digest, samples, agree_s, agree_bytes, avg_compute_s, local_errors,
+                     ended - started, timing, link_s, fed, predicted_comm_s, user_budget, issued)
+        # The agree allgather is a sample too (next step, like the others): small, so it pins the latency.
+        self._last_samples = samples + ([] if self._static else [("agree", agree_bytes, agree_s)])
+        self._last_end = ended
+        self.step += 1
+
+    def _agree(self, names: list[str], grads: list[torch.Tensor], started: float) -> tuple:
+        """Steps b and c: this rank's profiles, its timings of the last step and its fingerprint, allgathered; every
+        rank averages the rows alike and feeds the same link samples. ``(profile values averaged over ranks,
+        profile_s, agree_s, agree_bytes, compute seconds averaged over ranks or None, link_s, fed samples)``."""
+        hvd, fb, world = self._hvd, self._feedback, self.world_size
         agree: list[float] = []
         t_profile = time.perf_counter()
         for name, g in zip(names, grads):
@@ -505,122 +646,17 @@ class Kimad:
             self.controller.observe_compute(avg_compute_s)
         else:
             avg_compute_s = None
-        t_plan = time.perf_counter()
-        profiles, pos = [], 0
-        for name, g in zip(names, grads):
-            m, quant = len(self._ks(g.numel())), self._quantized(g.numel())
-            values = [max(0.0, e) for e in profile_values[pos: pos + 1 + m + 4 * quant]]
-            qsgd = dict(zip(QSGD_BITS, values[1 + m: 4 + m])) if quant else None
-            profiles.append(TensorProfile(name, g.numel(), values[0], tuple(values[1: 1 + m]), qsgd_errors=qsgd,
-                                          sign_error=values[4 + m] if quant else None))
-            pos += 1 + m + 4 * quant
-        cost = CostModel.from_estimate(self.controller.estimate(), world)
-        user_budget = self.budget.budget_s()
-        bytes_s, issued = cost.batched_byte_budget(
-            [self._compressible(g.numel()) for g in grads], [g.numel() for g in grads], user_budget,
-            self.min_byte_share)
-        target = self._target_row(self.controller.cost_model(), bytes_s,  # (batched, as the plan prices)
-                                  4 * sum(g.numel() for g in grads))
-        self.controller.budget.bytes_s = bytes_s if target is None else target[1]
-        plan = self.controller.plan(profiles, step=self.step)
-        digest = plan.digest()
-        t_encode = time.perf_counter()
-        plan_s = t_encode - t_plan
+        return profile_values, profile_s, agree_s, agree_bytes, avg_compute_s, link_s, fed
 
-        # d: encode per plan.
-        prefix = torch.tensor(list(bytes.fromhex(digest[: 2 * DIGEST_PREFIX_BYTES])), dtype=torch.uint8)
-        sparse, dense, local_errors = [prefix], [], {}
-        for index, (entry, name, g) in enumerate(zip(plan.entries, names, grads)):
-            if entry.fmt is MessageFormat.TOPK:
-                msg = fb.encode_topk(name, g, entry.k)
-                sparse.append(encode_topk(msg.values, msg.indices, g.numel(), name=name).cpu())
-                local_errors[name] = msg.sq_error
-            elif entry.fmt in (MessageFormat.QSGD, MessageFormat.SIGN):
-                quantized = fb.encode_quantized(name, g, entry.fmt.value, bits=entry.bits, bucket=DEFAULT_BUCKET,
-                                                seed=self._seed(index))
-                sparse.append(quantized.payload.cpu())
-                local_errors[name] = quantized.sq_error
-            elif entry.fmt is MessageFormat.DENSE32:
-                v = fb.correct(name, g)
-                fb.sent_dense(name, v)
-                dense.append(v.view(-1))
-                local_errors[name] = 0.0
-            else:
-                raise KimadError(f"plan chose {entry.fmt.value} for {name!r}; the Horovod plugin sends topk, qsgd, "
-                                 "sign or dense32")
-
-        # e + f: one allgather (digest prefix, sparse messages, and the dense buffer when riding along is cheaper
-        # than an allreduce of its own), verified before any dense allreduce.
-        buffer = torch.cat(dense) if dense else None
-        dense_bytes = 0 if buffer is None else _FLOAT32_BYTES * buffer.numel()
-        rides = buffer is not None and cost.dense_rides(dense_bytes)
-        message = sum(m.numel() for m in sparse)
-        if rides:
-            dense_start = _aligned(message, _FLOAT32_BYTES)  # float32-aligned in every rank's row
-            sparse.append(torch.zeros(dense_start - message, dtype=torch.uint8))
-            sparse.append(buffer.view(torch.uint8))
-            message = dense_start + dense_bytes
-        # the grid's row at or above the message (zero-padded): the target row when the plan filled it. An all-dense
-        # plan has the same size every step (cached under its name as it is): no padding.
-        all_dense = all(entry.fmt is MessageFormat.DENSE32 for entry in plan.entries)
-        per_rank = _aligned(message, _ROW_ALIGN) if all_dense else row_grid(message)
-        sparse.append(torch.zeros(per_rank - message, dtype=torch.uint8))
-        send = torch.cat(sparse)
-        self._row = (per_rank, dense_bytes if rides else 0)
-        self._row_cached = per_rank in self._rows_seen
-        self._rows_seen.add(per_rank)
-        # the padding's time (what the plan left of the row it was priced to fill, or up to a grid step)
-        predicted_comm_s = plan.total_time_s + issued + (
-            cost.allgather(per_rank) - cost.allgather(message) if world > 1 else 0.0)
-        t0 = time.perf_counter()
-        encode_s = t0 - t_encode
-        gathered = synchronize(hvd.allgather_async(send, name=f"kimad.sparse.{per_rank}"))
-        gather_s = time.perf_counter() - t0
-        self._verify(gathered, prefix, per_rank, plan)
-        samples = [("allgather", per_rank, gather_s)]
-        self._dense_route = None if buffer is None else ("allgather" if rides else "allreduce")
-        dense_sum = None
-        if rides:
-            dense_rows = gathered.view(world, per_rank)[:, dense_start: dense_start + dense_bytes]
-            dense_rows = dense_rows.view(torch.float32)
-            dense_sum = dense_rows[0].clone()
-            for r in range(1, world):  # in rank order on every rank: bit-identical sums everywhere
-                dense_sum += dense_rows[r]
-        elif buffer is not None:
-            t0 = time.perf_counter()
-            # named by size as the allgather is: Horovod's cache holds each set of dense tensors' shape once seen
-            dense_sum = synchronize(hvd.allreduce_async(buffer, op=hvd.Sum, name=f"kimad.dense.{buffer.numel()}"))
-            samples.append(("allreduce", dense_bytes, time.perf_counter() - t0))
-
-        # g + h: decode, aggregate, hand back in the gradients' shapes and dtypes.
-        t_decode = time.perf_counter()
-        sparse_pos, dense_pos = DIGEST_PREFIX_BYTES, 0
-        for entry, name, g in zip(plan.entries, names, grads):
-            n = g.numel()
-            if entry.fmt is MessageFormat.DENSE32:
-                c = dense_sum[dense_pos: dense_pos + n] * scale
-                dense_pos += n
-                estimate = fb.estimate(name, c.view(g.shape))
-            else:
-                segments = [gathered[r * per_rank + sparse_pos: r * per_rank + sparse_pos + entry.bytes].to(g.device)
-                            for r in range(world)]
-                sparse_pos += entry.bytes
-                if entry.fmt is MessageFormat.TOPK:
-                    messages = [decode_topk(seg, n, name=name) for seg in segments]
-                    estimate = fb.estimate_topk(name, messages, g, scale)
-                else:
-                    estimate = fb.estimate_quantized(name, segments, g, scale, fmt=entry.fmt.value, bits=entry.bits,
-                                                     bucket=DEFAULT_BUCKET)
-            self._results[name] = estimate.to(g.dtype).view(g.shape)
-
-        ended = time.perf_counter()
-        timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
-        self._record(plan, digest, samples, agree_s, agree_bytes, avg_compute_s, local_errors,
-                     ended - started, timing, link_s, fed, predicted_comm_s, user_budget, issued)
-        # The agree allgather is a sample too (next step, like the others): small, so it pins the latency.
-        self._last_samples = samples + [("agree", agree_bytes, agree_s)]
-        self._last_end = ended
-        self.step += 1
+    def _local_inputs(self, names: list[str], grads: list[torch.Tensor], started: float) -> tuple:
+        """A static plan's inputs, from this rank alone (what :meth:`_agree` returns): no profiles (zeros: a static
+        plan does not read them), no collective, no link sample (the cost model stays at its prior or fixed link,
+        the same on every rank, so the dense route is too); the local compute time feeds the budget (metrics)."""
+        compute_s = None if self._last_end is None else started - self._last_end
+        if compute_s is not None:
+            self.controller.observe_compute(compute_s)
+        values = [0.0] * sum(1 + len(self._ks(g.numel())) + 4 * self._quantized(g.numel()) for g in grads)
+        return values, 0.0, 0.0, 0, compute_s, {}, []
 
     def _target_row(self, cost: CostModel, bytes_s: float, dense_bytes: int) -> tuple[int, float] | None:
         """``(row bytes, seconds)``: the largest row of :func:`row_grid` whose contents the batched ``cost``

@@ -331,8 +331,21 @@ def test_topk_ef21_trains_digits_within_a_few_points_of_uncompressed():
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("np", [2, 4])
-def test_a_plan_mismatch_stops_every_rank_without_hanging(np):
-    proc = horovodrun("kimad_mismatch.py", timeout=180, np=np)
+def test_a_static_plan_skips_the_agree_allgather_and_averages_every_ranks_top_k_ef21(np):
+    proc = horovodrun("kimad_static.py", timeout=180, np=np)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    results = [json.loads(m) for m in re.findall(r"kimad static: (\{.*\})", output)]
+    assert len(results) == 1 and results[0]["world"] == np and results[0]["steps"] == 6, output[-6000:]
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("np", [2, 4])
+@pytest.mark.parametrize("static", [False, True], ids=["kimad", "static"])
+def test_a_plan_mismatch_stops_every_rank_without_hanging(np, static):
+    # static: no agree allgather (and so no fingerprint) before the row's; the row's size and digest stop the ranks
+    proc = horovodrun("kimad_mismatch.py", *(["--static"] if static else []), timeout=180, np=np)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-6000:]
     for rank in range(np):
