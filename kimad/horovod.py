@@ -457,6 +457,11 @@ class Kimad:
         estimate = self._feedback.quant_profile(name, g, DEFAULT_BUCKET)
         return [estimate.qsgd[b] for b in QSGD_BITS] + [estimate.sign]
 
+    def _profile_size(self, numel: int) -> int:
+        """Figures a tensor of ``numel`` elements has in the agree row: ``||v||^2``, a top-k error per density
+        offered, and the QSGD 8/4/2-bit and sign errors when offered."""
+        return 1 + len(self._ks(numel)) + 4 * self._quantized(numel)
+
     def _seed(self, index: int) -> int:
         """QSGD's draw key of tensor ``index`` this step on this rank: distinct per (step, tensor, rank), < 2**64."""
         return ((self.step % 2**24) << 40) | ((index % 2**24) << 16) | (self.rank % 2**16)
@@ -476,18 +481,18 @@ class Kimad:
         profiles, pos = [], 0
         for name, g in zip(names, grads):
             m, quant = len(self._ks(g.numel())), self._quantized(g.numel())
-            values = [max(0.0, e) for e in profile_values[pos: pos + 1 + m + 4 * quant]]
+            values = [max(0.0, e) for e in profile_values[pos: pos + self._profile_size(g.numel())]]
             qsgd = dict(zip(QSGD_BITS, values[1 + m: 4 + m])) if quant else None
             profiles.append(TensorProfile(name, g.numel(), values[0], tuple(values[1: 1 + m]), qsgd_errors=qsgd,
                                           sign_error=values[4 + m] if quant else None))
-            pos += 1 + m + 4 * quant
+            pos += len(values)
         cost = CostModel.from_estimate(self.controller.estimate(), world)
         user_budget = self.budget.budget_s()
         bytes_s, issued = cost.batched_byte_budget(
             [self._compressible(g.numel()) for g in grads], [g.numel() for g in grads], user_budget,
             self.min_byte_share)
-        target = self._target_row(self.controller.cost_model(), bytes_s,  # (batched, as the plan prices)
-                                  4 * sum(g.numel() for g in grads))
+        target = None if self._static else self._target_row(  # (batched, as the plan prices)
+            self.controller.cost_model(), bytes_s, _FLOAT32_BYTES * sum(g.numel() for g in grads))
         # (a static plan ignores the budget; priced at inf, it holds nothing one rank measured alone, as the budget
         # from this rank's compute time, and so plans the same on every rank)
         self.controller.budget.bytes_s = math.inf if self._static else (bytes_s if target is None else target[1])
@@ -655,7 +660,7 @@ class Kimad:
         compute_s = None if self._last_end is None else started - self._last_end
         if compute_s is not None:
             self.controller.observe_compute(compute_s)
-        values = [0.0] * sum(1 + len(self._ks(g.numel())) + 4 * self._quantized(g.numel()) for g in grads)
+        values = [0.0] * sum(self._profile_size(g.numel()) for g in grads)
         return values, 0.0, 0.0, 0, compute_s, {}, []
 
     def _target_row(self, cost: CostModel, bytes_s: float, dense_bytes: int) -> tuple[int, float] | None:

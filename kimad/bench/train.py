@@ -47,8 +47,8 @@ import time
 
 import torch
 
-# --workload -> (its name in the final JSON line, the evaluation's figure in the log)
 FEEDBACK_CHOICES = ("ef21", "ef", "none")  # kimad.feedback.MODES as --error-feedback spells them (None: "none")
+# --workload -> (its name in the final JSON line, the evaluation's figure in the log)
 WORKLOADS = {"digits-cnn": ("mnist-digits-cnn", "accuracy"), "stdlib-lm": ("stdlib-char-lm", "val_loss")}
 
 
