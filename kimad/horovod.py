@@ -268,9 +268,10 @@ class Kimad:
             unless it evicted it: it holds ``HOROVOD_CACHE_CAPACITY`` names, 1024 by default, Horovod's own
             per-parameter allreduces included),
             ``hedge`` (whether the plan priced a link that had just turned much slower at the rate its slow
-            collective showed), ``probe`` (whether the plan priced a faster link it had just found at
+            collective showed), ``lift`` (whether it priced a link that had just turned much faster at the rate
+            its fast collective showed), ``probe`` (whether the plan priced a faster link it had just found at
             ``probe_factor`` times its estimate: :class:`kimad.control.Controller`), ``plan_bandwidth_bps`` (the
-            bandwidth the plan was priced at: ``bandwidth_bps``, the hedge's rate or the probe's),
+            bandwidth the plan was priced at: ``bandwidth_bps``, the hedge's, the lift's or the probe's rate),
             ``prev_link_comm_s`` (the previous step's allgather + allreduce time on the link: the minimum
             over ranks, without the wait for slower ranks; ``None`` at the first step), ``link_samples``
             (the ``[collective, bytes per rank, link seconds]`` samples this step fed the bandwidth estimator:
@@ -731,7 +732,7 @@ class Kimad:
                                  if "allgather" in link_s else None),
             "prev_link_agree_s": link_s.get("agree"), "link_samples": fed,
             "row": self._row[0], "row_cached": self._row_cached, "dense_route": self._dense_route,
-            "probe": self.controller.probing, "hedge": self.controller.hedging,
+            "probe": self.controller.probing, "hedge": self.controller.hedging, "lift": self.controller.lifting,
             "plan_bandwidth_bps": self.controller.planned_bandwidth_bps,
             **timing, "overhead_s": sum(timing.values()),
             "predicted_error": plan.total_error,

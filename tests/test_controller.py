@@ -336,22 +336,24 @@ def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_
     assert hedged[-1].total_bytes == pytest.approx(slow.plan(profiles(), step=step).total_bytes, rel=0.25)
 
 
-def closed_loop(hedge_trigger: float, steps: int = 40, change: int = 20,
-                after_bps: float = 2e7) -> tuple[list[bool], list[float], int]:
-    """Kimad's loop on a simulated 4-rank link (1.5 ms latency per ring step, 100 then ``after_bps`` from ``change``):
-    each step's sample is its own plan's allgather, learnt before the next plan. A 15 ms budget leaves 10.5 ms
-    for bits, so a message sized for 20 Mbit/s would take 2.1 ms of bits at 100: to the old fit it looks
-    latency-bound. Returns the hedge flags and the measured-over-budget ratios after the change, and the step
-    at which the estimator declared the slower link."""
-    c = Controller(world_size=4, budget=0.015, allocator="layerwise", densities=DENSITIES, batched=True,
-                   hedge_trigger=hedge_trigger)
+def closed_loop(hedge_trigger: float = 2.5, steps: int = 40, change: int = 20, after_bps: float = 2e7,
+                before_bps: float = 1e8, budget_s: float = 0.015, lift_trigger: float = 2.0,
+                flag: str = "hedging") -> tuple[list[bool], list[float], int]:
+    """Kimad's loop on a simulated 4-rank link (1.5 ms latency per ring step, ``before_bps`` then ``after_bps`` from
+    ``change``): each step's sample is its own plan's allgather, learnt before the next plan. The default 15 ms
+    budget leaves 10.5 ms for bits, so a message sized for 20 Mbit/s would take 2.1 ms of bits at 100: to the old
+    fit it looks latency-bound. Returns the controller's ``flag`` (``"hedging"``, ``"lifting"`` or ``"probing"``)
+    and the measured-over-budget ratios after the change, and the step at which the estimator declared the
+    change."""
+    c = Controller(world_size=4, budget=budget_s, allocator="layerwise", densities=DENSITIES, batched=True,
+                   hedge_trigger=hedge_trigger, lift_trigger=lift_trigger)
     flags, ratios, declared = [], [], None
     for step in range(steps):
         plan = c.plan(profiles(), step=step)
-        bps = 1e8 if step < change else after_bps
+        bps = before_bps if step < change else after_bps
         seconds = 4.5e-3 + 8 * 3 * plan.total_bytes / bps
         if step >= change:
-            flags.append(c.hedging)
+            flags.append(getattr(c, flag))
             ratios.append(seconds / plan.budget_s)
         c.observe_collective("allgather", plan.total_bytes, seconds, step)
         c.observe_collective("allgather", 504, 4.5e-3 + 8 * 3 * 504 / bps, step)  # the agree: latency-bound
@@ -422,6 +424,59 @@ def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():
     assert not never.hedging
 
 
+def test_a_five_times_faster_link_whose_messages_show_it_is_lifted_at_its_own_rate_until_the_estimator_declares_it():
+    c = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
+    for step in range(30):
+        feed_link(c, step, 2e7)
+        c.plan(profiles(), step=step)
+    assert not c.lifting
+    ref = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES, lift_trigger=math.inf)
+    lifted = []
+    for step in range(30, 45):
+        feed_link(c, step, 1e8)  # bits-bound (1 MB: 99.5% bits at 100 Mbit/s), 5x faster than the plan expected
+        before = c.estimator.state.regime_changes
+        ref.load_state_dict(c.state_dict())  # the same estimate, never lifting
+        plan = c.plan(profiles(), step=step)
+        if c.estimator.state.regime_changes > before:
+            break
+        assert c.lifting and not c.probing and not c.hedging
+        assert c.estimate().bandwidth_bps < 4e7  # the estimator has not followed yet ...
+        assert c.planned_bandwidth_bps == pytest.approx(1e8, rel=0.05)  # ... the plan's price has
+        plain = ref.plan(profiles(), step=step)
+        assert plan.total_bytes > 3 * plain.total_bytes and plan.total_time_s <= plan.budget_s
+        lifted.append(plan)
+    assert len(lifted) == 1  # (faster_change_samples = 2: the second fast step declares the faster link)
+    assert not c.lifting and not c.probing  # its messages showed the rate: no probe after the change either
+    assert c.estimate().bandwidth_bps == pytest.approx(1e8, rel=0.15)
+    never = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES, lift_trigger=math.inf)
+    for step in range(30):
+        feed_link(never, step, 2e7)
+        never.plan(profiles(), step=step)
+    feed_link(never, 30, 1e8)
+    never.plan(profiles(), step=30)
+    assert not never.lifting and never.planned_bandwidth_bps < 4e7
+
+
+def test_a_lifted_plan_fills_the_budget_on_the_faster_link_and_the_estimator_declares_it_as_soon_as_without():
+    # a 120 ms budget: messages sized for 20 Mbit/s spend 84% of their time on bits at 100 Mbit/s
+    kwargs = dict(before_bps=2e7, after_bps=1e8, budget_s=0.12, flag="lifting")
+    flags, ratios, declared = closed_loop(**kwargs)
+    plain_flags, plain_ratios, plain_declared = closed_loop(lift_trigger=math.inf, **kwargs)
+    assert declared == plain_declared
+    assert flags[:3] == [False, True, False]  # the step in flight at the change cannot be lifted; the next one is
+    # the lifted plan takes as long as the plans after the estimator declared the faster link; without the lift it
+    # took a fifth of that
+    settled = ratios[declared - 20 + 1]
+    assert ratios[1] == pytest.approx(settled, rel=0.1) and plain_ratios[1] < 0.35 * settled
+    assert not any(plain_flags)
+    # messages sized for 20 Mbit/s by the default 15 ms budget are mostly latency at 100 Mbit/s: no lift (the
+    # probe's case, test_after_the_link_turns_faster_two_plans_probe_at_twice_the_estimate)
+    small, _, _ = closed_loop(before_bps=2e7, after_bps=1e8, flag="lifting")
+    assert not any(small)
+    slower, _, _ = closed_loop(flag="lifting")  # and a slower link is hedged, never lifted
+    assert not any(slower)
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(probe_factor=0.5), "probe_factor"),
                                            (dict(probe_factor=math.nan), "probe_factor"),
                                            (dict(probe_factor=True), "probe_factor"),
@@ -429,7 +484,10 @@ def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():
                                            (dict(probe_steps=1.5), "probe_steps"),
                                            (dict(hedge_trigger=1.0), "hedge_trigger"),
                                            (dict(hedge_trigger=math.nan), "hedge_trigger"),
-                                           (dict(hedge_trigger="2"), "hedge_trigger")])
-def test_bad_probe_and_hedge_settings_raise_named_errors(kwargs, match):
+                                           (dict(hedge_trigger="2"), "hedge_trigger"),
+                                           (dict(lift_trigger=1.0), "lift_trigger"),
+                                           (dict(lift_trigger=math.nan), "lift_trigger"),
+                                           (dict(lift_trigger=True), "lift_trigger")])
+def test_bad_probe_hedge_and_lift_settings_raise_named_errors(kwargs, match):
     with pytest.raises(ControllerError, match=match):
         Controller(world_size=2, **kwargs)

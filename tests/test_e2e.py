@@ -133,9 +133,13 @@ def test_the_hedges_rate_is_reported_beside_the_estimators_recovery_for_informat
     assert "within 15% of a new rate <= 5 steps after 2 of 2 changes (the estimator's own: 0 of 2)" in text
     unhedged = report.Run("kimad+", [{**s, "hedge": False} for s in run.steps], [], rates)
     assert report.hedged_recovery_text([unhedged]) is None  # nothing to add when no plan hedged
-    # a probe's higher price is not an estimate: only hedged steps use the plan's rate
+    # a probe's higher price is not an estimate: only hedged and lifted steps use the plan's rate
     probe = {"bandwidth_bps": 20e6, "plan_bandwidth_bps": 40e6, "hedge": False, "probe": True}
     assert report.working_bps(probe) == 20e6
+    lift = {"bandwidth_bps": 20e6, "plan_bandwidth_bps": 95e6, "hedge": False, "lift": True}
+    assert report.working_bps(lift) == 95e6
+    lifted = report.Run("kimad+", [{**s, "hedge": False, "lift": s["hedge"]} for s in run.steps], [], rates)
+    assert "after 1 of 1 changes (the estimator's own: 0 of 1)" in report.hedged_recovery_text([lifted])
     assert report.working_bps({"bandwidth_bps": 20e6}) == 20e6  # (logs from before plan_bandwidth_bps)
     assert "For information" not in report.write_report(logs).read_text()  # the fixture's Kimad+ never hedged
     steps = [json.loads(line) for line in (logs / "kimad+.jsonl").read_text().splitlines()]
@@ -144,8 +148,8 @@ def test_the_hedges_rate_is_reported_beside_the_estimators_recovery_for_informat
             hedged = 20 <= s["step"] < 23
             s.update(hedge=hedged, plan_bandwidth_bps=21e6 if hedged else s["bandwidth_bps"])
     write_jsonl(logs / "kimad+.jsonl", steps)
-    assert ("taking the hedge's rate as kimad+'s estimate while a plan hedged, the estimate was within 15% of a new "
-            "rate <= 5 steps after 1 of 1 changes (the estimator's own: 1 of 1)"
+    assert ("taking the hedge's or lift's rate as kimad+'s estimate while a plan hedged or lifted, the estimate was "
+            "within 15% of a new rate <= 5 steps after 1 of 1 changes (the estimator's own: 1 of 1)"
             in report.write_report(logs).read_text())
 
 

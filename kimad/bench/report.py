@@ -114,24 +114,26 @@ def recovery_steps(run: Run, rate: Callable[[dict], float] = lambda s: s["bandwi
 
 
 def working_bps(step: dict) -> float:
-    """The rate the plan of ``step`` took the link to have: the hedge's while the plan hedged, else the estimator's
-    (a probe prices the link higher on purpose: that is no estimate)."""
-    return step["plan_bandwidth_bps"] if step.get("hedge") and "plan_bandwidth_bps" in step else step["bandwidth_bps"]
+    """The rate the plan of ``step`` took the link to have: the hedge's or the lift's while the plan hedged or
+    lifted, else the estimator's (a probe prices the link higher on purpose: that is no estimate)."""
+    planned = (step.get("hedge") or step.get("lift")) and "plan_bandwidth_bps" in step
+    return step["plan_bandwidth_bps"] if planned else step["bandwidth_bps"]
 
 
 def hedged_recovery_text(runs: list[Run]) -> str | None:
     """A sentence on how soon the plans of ``runs`` (one method, one run per repeat) followed each rate change when
-    the hedge's rate counts as the estimate (:func:`working_bps`), beside the estimator's own figure; ``None``
-    when they never hedged."""
-    if not any(run.rates and any(s.get("hedge") and "plan_bandwidth_bps" in s for s in run.steps) for run in runs):
+    the hedge's or lift's rate counts as the estimate (:func:`working_bps`), beside the estimator's own figure;
+    ``None`` when they never hedged or lifted."""
+    if not any(run.rates and any((s.get("hedge") or s.get("lift")) and "plan_bandwidth_bps" in s for s in run.steps)
+               for run in runs):
         return None
     counts = []
     for rate in (working_bps, lambda s: s["bandwidth_bps"]):
         rec = [r for run in runs if run.rates for r in recovery_steps(run, rate)]
         counts.append(f"{sum(r is not None and r <= RECOVERY_STEPS for r in rec)} of {len(rec)}")
-    return (f"For information (not a target): taking the hedge's rate as {runs[0].method}'s estimate while a plan "
-            f"hedged, the estimate was within 15% of a new rate <= {RECOVERY_STEPS} steps after {counts[0]} changes "
-            f"(the estimator's own: {counts[1]}).")
+    return (f"For information (not a target): taking the hedge's or lift's rate as {runs[0].method}'s estimate "
+            f"while a plan hedged or lifted, the estimate was within 15% of a new rate <= {RECOVERY_STEPS} steps "
+            f"after {counts[0]} changes (the estimator's own: {counts[1]}).")
 
 
 def link_comm(run: Run) -> list[tuple[int, float, float]]:

@@ -25,8 +25,9 @@ agree allgather), ``profile_s``, ``plan_s``, ``encode_s`` and ``decode_s`` (Kima
 earlier step gathered that size, so Horovod's cached negotiation held), ``dense_route`` (how the dense tensors
 went: ``"allgather"`` riding in the row, ``"allreduce"`` of their own, or null when none was dense),
 ``probe`` (whether the plan probed a faster link), ``hedge`` (whether it was priced at a slow collective's
-rate), ``plan_bandwidth_bps`` (the bandwidth the plan was priced at), ``density`` (per tensor: fraction of
-entries sent, k / n for top-k, 1.0 otherwise) and ``bits`` (per tensor: message bits per element). Every
+rate), ``lift`` (whether it was priced at a fast collective's rate), ``plan_bandwidth_bps`` (the bandwidth the
+plan was priced at), ``density`` (per tensor: fraction of entries sent, k / n for top-k, 1.0 otherwise) and
+``bits`` (per tensor: message bits per element). Every
 ``--eval-every-s`` seconds of training, at each epoch's end and at the end, rank 0 evaluates (the other ranks wait
 for it, outside the training clock; with ``--eval-after`` it keeps a copy of the weights instead and
 evaluates them all once training is over, logging each with its snapshot's times) and logs
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                              prev_link_comm_s=m["prev_link_comm_s"], prev_link_agree_s=m["prev_link_agree_s"],
                              agree_bytes=m["agree_bytes"], link_samples=m["link_samples"], row=m["row"],
                              row_cached=m["row_cached"], dense_route=m["dense_route"],
-                             probe=m["probe"], hedge=m["hedge"],
+                             probe=m["probe"], hedge=m["hedge"], lift=m["lift"],
                              plan_bandwidth_bps=m["plan_bandwidth_bps"],
                              issued_latency_s=m["issued_latency_s"],
                              predicted_comm_s=m["predicted_comm_s"], over_budget=m["over_budget"],

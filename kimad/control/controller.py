@@ -32,6 +32,18 @@ Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extensi
    are rarely that slow: replaying the link times of six 4-node CNN repeats and one LM comparison (square
    trace 100 <-> 20 Mbit/s), 2-3 plans per step-down were hedged, at 0.77-1.12x the shaped rate, and 3 plans
    in ~6,800 CNN steps on a steady link.
+   *Lift:* the hedge's mirror for a faster link whose messages show it. When the last step's collective with the
+   most bits ran ``lift_trigger`` times faster than the last plan's estimate predicted and spent at least
+   :data:`PROBE_BITS_SHARE` of its own (measured) time on bits, while the estimator, with that sample, still sees
+   a link more than :data:`HEDGE_MARGIN` times slower than the sample implies, the next plan is priced at the
+   sample's rate. The estimator needs ``faster_change_samples`` (2) fast samples to declare a faster link, so
+   without the lift the plan after the first one is still sized for the slow link and sends a fifth of the budget
+   on a 20 -> 100 Mbit/s step; stalls never make a collective faster, so one fast, bits-bound sample is evidence.
+   Replaying the link times of three LM comparisons (9 repeats, 4 emulated nodes, square trace 100 <-> 20 Mbit/s),
+   the plan right after the first fast sample was priced at 0.24x the new rate (median) and would have been lifted
+   to 0.97x [0.38-1.21] in 75 of 108 speed-ups, and 5 plans in ~1,400 steps on a steady link (the estimator lagging
+   after a speed-up) at 0.86-0.96x; the CNN's messages after a speed-up are too small to show the rate (the probe's
+   case) and were never lifted.
 4. **Allocate** -- ``"uniform"`` (Kimad: one compression level for all tensors, the least
    aggressive that fits), ``"layerwise"`` (Kimad+: multiple-choice knapsack minimising the sum of
    squared errors under the budget, exact DP over ``bins`` cost bins, or the convex-hull
@@ -66,9 +78,9 @@ from kimad.errors import KimadError
 
 ALLOCATORS = ("layerwise", "uniform", "lagrangian", "static")
 PROBE_TRIGGER = 1.5  # a regime change lifting the estimate by more than this starts a probe (see the docstring)
-PROBE_BITS_SHARE = 0.8  # ... unless the largest new sample already spent this share of its time on bits
-_MAX_FRESH = 64  # samples kept for the hedge between two plans (a step has 2-3)
-HEDGE_MARGIN = 1.5  # a hedge needs the estimate still this many times above the slow sample's rate (docstring)
+PROBE_BITS_SHARE = 0.8  # ... unless the largest new sample spent this share of its time on bits (a lift: one that did)
+_MAX_FRESH = 64  # samples kept for the hedge and lift between two plans (a step has 2-3)
+HEDGE_MARGIN = 1.5  # a hedge (lift) needs the estimate still this many times above (below) the sample's rate
 
 
 class ControllerError(KimadError, ValueError):
@@ -124,18 +136,22 @@ class Controller:
         hedge_trigger: a collective this many times slower than predicted (> 1; ``math.inf``: never) prices the
             next plan at its own rate until the estimator decides (step 3 of the module docstring);
             :attr:`hedging` says whether the last plan did.
+        lift_trigger: a bits-bound collective this many times faster than predicted (> 1; ``math.inf``: never)
+            prices the next plan at its own rate while the estimator has not followed (step 3 of the module
+            docstring); :attr:`lifting` says whether the last plan did.
 
     Attributes:
         planned_bandwidth_bps: the bandwidth (wire bits/s) the last plan was priced at: the estimator's, the
-            hedge's slow-sample rate while :attr:`hedging`, ``probe_factor`` times the estimator's while
-            :attr:`probing` (``nan`` before the first plan).
+            hedge's slow-sample rate while :attr:`hedging`, the lift's fast-sample rate while :attr:`lifting`,
+            ``probe_factor`` times the estimator's while :attr:`probing` (``nan`` before the first plan).
     """
 
     def __init__(self, *, world_size: int, budget: float | str | FixedBudget | AutoBudget = "auto",
                  allocator: str = "layerwise", compressors: Sequence[str] = ("topk",),
                  densities: Sequence[float] | None = None, min_compress_numel: int = 1024, bins: int = 1000,
                  estimator: BandwidthEstimator | None = None, batched: bool = False, fill: bool = False,
-                 probe_factor: float = 2.0, probe_steps: int = 2, hedge_trigger: float = 2.5) -> None:
+                 probe_factor: float = 2.0, probe_steps: int = 2, hedge_trigger: float = 2.5,
+                 lift_trigger: float = 2.0) -> None:
         if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ControllerError(f"world_size must be an int >= 1, got {world_size!r}")
         if allocator not in ALLOCATORS:
@@ -150,6 +166,9 @@ class Controller:
         if isinstance(hedge_trigger, bool) or not isinstance(hedge_trigger, (int, float)) \
                 or math.isnan(hedge_trigger) or hedge_trigger <= 1:
             raise ControllerError(f"hedge_trigger must be a number > 1 (math.inf: never hedge), got {hedge_trigger!r}")
+        if isinstance(lift_trigger, bool) or not isinstance(lift_trigger, (int, float)) \
+                or math.isnan(lift_trigger) or lift_trigger <= 1:
+            raise ControllerError(f"lift_trigger must be a number > 1 (math.inf: never lift), got {lift_trigger!r}")
         if allocator == "static" and ("topk" not in tuple(compressors) or densities is None
                                       or len(tuple(densities)) != 1):
             raise ControllerError("allocator 'static' needs compressors including 'topk' and exactly one density, "
@@ -169,6 +188,8 @@ class Controller:
         self._seen_changes, self._last_bandwidth, self._probe_until = 0, math.inf, -1
         self.hedge_trigger = float(hedge_trigger)
         self.hedging = False
+        self.lift_trigger = float(lift_trigger)
+        self.lifting = False
         self.planned_bandwidth_bps = math.nan
         self._planned_estimate: BandwidthEstimate | None = None  # the estimator's, at the last plan
         self._fresh: list[tuple[str, int, float]] = []  # (kind, bytes per rank, seconds) since the last plan
@@ -228,8 +249,9 @@ class Controller:
 
     def _planning_estimate(self, step: int) -> BandwidthEstimate:
         """The estimate ``plan`` prices with (step 3 of the module docstring): the estimator's; while hedging,
-        the same at the slow sample's rate; else while probing, with ``probe_factor`` times its bandwidth. Sets
-        :attr:`probing`, :attr:`hedging` and :attr:`planned_bandwidth_bps`."""
+        the same at the slow sample's rate; while lifting, at the fast sample's; else while probing, with
+        ``probe_factor`` times its bandwidth. Sets :attr:`probing`, :attr:`hedging`, :attr:`lifting` and
+        :attr:`planned_bandwidth_bps`."""
         est = self.estimate()
         changes = self.estimator.state.regime_changes
         if (changes > self._seen_changes and est.bandwidth_bps > PROBE_TRIGGER * self._last_bandwidth
@@ -237,11 +259,12 @@ class Controller:
             self._probe_until = step + self.probe_steps - 1
         self._seen_changes, self._last_bandwidth = changes, est.bandwidth_bps
         hedge_bps = self._hedge_bandwidth(est)
+        lift_bps = self._lift_bandwidth(est) if hedge_bps is None else None
         self._planned_estimate, self._fresh = est, []
-        self.hedging = hedge_bps is not None
-        self.probing = not self.hedging and step <= self._probe_until and self.probe_factor > 1
-        if self.hedging:
-            est = dataclasses.replace(est, bandwidth_bps=hedge_bps)
+        self.hedging, self.lifting = hedge_bps is not None, lift_bps is not None
+        self.probing = not (self.hedging or self.lifting) and step <= self._probe_until and self.probe_factor > 1
+        if self.hedging or self.lifting:
+            est = dataclasses.replace(est, bandwidth_bps=hedge_bps if self.hedging else lift_bps)
         elif self.probing:
             est = dataclasses.replace(est, bandwidth_bps=self.probe_factor * est.bandwidth_bps)
         self.planned_bandwidth_bps = est.bandwidth_bps
@@ -282,6 +305,20 @@ class Controller:
         rate = self._planned_estimate.bandwidth_bps * bits_s / (seconds - latency_s)
         return rate if est.bandwidth_bps > HEDGE_MARGIN * rate else None
 
+    def _lift_bandwidth(self, est: BandwidthEstimate) -> float | None:
+        """The rate of the collective with the most bits since the last plan if it ran ``lift_trigger`` times
+        faster than that plan's estimate predicted, spent at least :data:`PROBE_BITS_SHARE` of its measured time on
+        bits, and ``est`` (which includes it) is still over :data:`HEDGE_MARGIN` times slower; else None (the lift
+        of step 3 of the module docstring)."""
+        if self._planned_estimate is None or not self._fresh or math.isinf(self.lift_trigger):
+            return None
+        bits_s, latency_s, seconds = self._most_bits(self._planned_estimate)
+        if bits_s <= 0 or self.lift_trigger * seconds > latency_s + bits_s \
+                or seconds - latency_s < PROBE_BITS_SHARE * seconds:
+            return None  # (not that much faster, or mostly latency: its rate is the scheduler's jitter)
+        rate = self._planned_estimate.bandwidth_bps * bits_s / (seconds - latency_s)
+        return rate if rate > HEDGE_MARGIN * est.bandwidth_bps else None
+
     def _allocate(self, menus: Sequence[tuple[str, Sequence[Option]]], budget_s: float) -> Allocation:
         costs = [np.array([o.time_s for o in opts], dtype=np.float64) for _, opts in menus]
         errors = [np.array([o.error for o in opts], dtype=np.float64) for _, opts in menus]
@@ -315,8 +352,8 @@ class Controller:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (one without ``"probe"``, from before the probe, resumes with none
-        running and the restored estimator's regime changes taken as seen). A hedge is not checkpointed: the
-        first plan after a restore has no earlier plan to hold new samples against, and never hedges."""
+        running and the restored estimator's regime changes taken as seen). A hedge or lift is not checkpointed: the
+        first plan after a restore has no earlier plan to hold new samples against, and never hedges or lifts."""
         self.estimator.load_state_dict(state["estimator"])
         probe = state.get("probe")
         if probe is None:

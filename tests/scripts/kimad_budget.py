@@ -82,7 +82,7 @@ def main() -> int:
     opt = kimad.horovod.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                              named_parameters=model.named_parameters(), budget_s=budget,
                                              allocator="layerwise", compressors=("topk",), error_feedback="ef21")
-    ratios, nbytes, predicted, probes, hedges, unlogged, cached = [], [], [], [], [], [], []
+    ratios, nbytes, predicted, probes, hedges, lifts, unlogged, cached = [], [], [], [], [], [], [], []
     prev = None
     for step in range(args.warmup + args.steps):
         g = torch.Generator().manual_seed(100 * step + rank)
@@ -101,6 +101,7 @@ def main() -> int:
         prev = m
         probes += [step] if m["probe"] else []
         hedges += [step] if m["hedge"] else []
+        lifts += [step] if m["lift"] else []
     within = sum(0.75 <= r <= 1.25 for r in ratios) / len(ratios)
     result = {"rank": rank, "ranks": hvd.size(), "parameters": numel, "dense_allreduce_s": dense_s,
               "dense_spread": spread, "budget_s": budget, "within_25pct": within,
@@ -109,6 +110,7 @@ def main() -> int:
               "median_bytes": statistics.median(nbytes), "dense_bytes": 4 * numel,
               "bandwidth_bps": opt.kimad.metrics["bandwidth_bps"],
               "latency_s": opt.kimad.metrics["latency_s"], "probe_steps": probes, "hedge_steps": hedges,
+              "lift_steps": lifts,
               "link_samples_disagree": unlogged, "row_cached_share": len(cached) / (args.warmup + args.steps)}
     if rank == 0:
         print("kimad budget: " + json.dumps(result), flush=True)
