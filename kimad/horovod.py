@@ -119,7 +119,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -207,6 +207,19 @@ class _BytesBudget:
 
     def budget_s(self) -> float:
         return self.inner.budget_s() if self.bytes_s is None else self.bytes_s
+
+
+class _StepInputs(NamedTuple):
+    """What a step's plan is made from: :meth:`Kimad._agree` (steps b and c) or, for a static plan,
+    :meth:`Kimad._local_inputs`."""
+
+    profile_values: list[float]  # per tensor: ||v||^2, top-k errors, quantiser errors (averaged over ranks)
+    profile_s: float  # seconds spent on error feedback and profiles
+    agree_s: float  # the agree allgather's seconds on this rank (0: none)
+    agree_bytes: int  # its bytes per rank
+    compute_s: float | None  # compute time of the step (averaged over ranks); None when not measured
+    link_s: dict[str, float]  # the previous step's collectives' link seconds (minimum over ranks), by kind
+    fed: list  # the [collective, bytes per rank, link seconds] samples fed to the estimator this step
 
 
 @dataclass(frozen=True)
@@ -476,13 +489,12 @@ class Kimad:
         scale = 1.0 / world if self._op == hvd.Average else 1.0
 
         # b + c: profiles and last step's measurements, averaged over ranks in one collective (static: local only).
-        inputs = self._local_inputs if self._static else self._agree
-        profile_values, profile_s, agree_s, agree_bytes, avg_compute_s, link_s, fed = inputs(names, grads, started)
+        inputs = (self._local_inputs if self._static else self._agree)(names, grads, started)
         t_plan = time.perf_counter()
         profiles, pos = [], 0
         for name, g in zip(names, grads):
             m, quant = len(self._ks(g.numel())), self._quantized(g.numel())
-            values = [max(0.0, e) for e in profile_values[pos: pos + self._profile_size(g.numel())]]
+            values = [max(0.0, e) for e in inputs.profile_values[pos: pos + self._profile_size(g.numel())]]
             qsgd = dict(zip(QSGD_BITS, values[1 + m: 4 + m])) if quant else None
             profiles.append(TensorProfile(name, g.numel(), values[0], tuple(values[1: 1 + m]), qsgd_errors=qsgd,
                                           sign_error=values[4 + m] if quant else None))
@@ -592,18 +604,18 @@ class Kimad:
             self._results[name] = estimate.to(g.dtype).view(g.shape)
 
         ended = time.perf_counter()
-        timing = {"profile_s": profile_s, "plan_s": plan_s, "encode_s": encode_s, "decode_s": ended - t_decode}
-        self._record(plan, digest, samples, agree_s, agree_bytes, avg_compute_s, local_errors,
-                     ended - started, timing, link_s, fed, predicted_comm_s, user_budget, issued)
+        timing = {"profile_s": inputs.profile_s, "plan_s": plan_s, "encode_s": encode_s,
+                  "decode_s": ended - t_decode}
+        self._record(plan, digest, samples, inputs, local_errors, ended - started, timing, predicted_comm_s,
+                     user_budget, issued)
         # The agree allgather is a sample too (next step, like the others): small, so it pins the latency.
-        self._last_samples = samples + ([] if self._static else [("agree", agree_bytes, agree_s)])
+        self._last_samples = samples + ([] if self._static else [("agree", inputs.agree_bytes, inputs.agree_s)])
         self._last_end = ended
         self.step += 1
 
-    def _agree(self, names: list[str], grads: list[torch.Tensor], started: float) -> tuple:
+    def _agree(self, names: list[str], grads: list[torch.Tensor], started: float) -> _StepInputs:
         """Steps b and c: this rank's profiles, its timings of the last step and its fingerprint, allgathered; every
-        rank averages the rows alike and feeds the same link samples. ``(profile values averaged over ranks,
-        profile_s, agree_s, agree_bytes, compute seconds averaged over ranks or None, link_s, fed samples)``."""
+        rank averages the rows alike and feeds the same link samples."""
         hvd, fb, world = self._hvd, self._feedback, self.world_size
         agree: list[float] = []
         t_profile = time.perf_counter()
@@ -652,9 +664,9 @@ class Kimad:
             self.controller.observe_compute(avg_compute_s)
         else:
             avg_compute_s = None
-        return profile_values, profile_s, agree_s, agree_bytes, avg_compute_s, link_s, fed
+        return _StepInputs(profile_values, profile_s, agree_s, agree_bytes, avg_compute_s, link_s, fed)
 
-    def _local_inputs(self, names: list[str], grads: list[torch.Tensor], started: float) -> tuple:
+    def _local_inputs(self, names: list[str], grads: list[torch.Tensor], started: float) -> _StepInputs:
         """A static plan's inputs, from this rank alone (what :meth:`_agree` returns): no profiles (zeros: a static
         plan does not read them), no collective, no link sample (the cost model stays at its prior or fixed link,
         the same on every rank, so the dense route is too); the local compute time feeds the budget (metrics)."""
@@ -662,7 +674,7 @@ class Kimad:
         if compute_s is not None:
             self.controller.observe_compute(compute_s)
         values = [0.0] * sum(self._profile_size(g.numel()) for g in grads)
-        return values, 0.0, 0.0, 0, compute_s, {}, []
+        return _StepInputs(values, 0.0, 0.0, 0, compute_s, {}, [])
 
     def _target_row(self, cost: CostModel, bytes_s: float, dense_bytes: int) -> tuple[int, float] | None:
         """``(row bytes, seconds)``: the largest row of :func:`row_grid` whose contents the batched ``cost``
@@ -714,10 +726,9 @@ class Kimad:
                 f"{'; '.join(bad)}. Every rank must use the same Kimad options and parameters")
 
     # -- metrics -----------------------------------------------------------------------------------
-    def _record(self, plan: Plan, digest: str, samples, agree_s, agree_bytes, compute_s, local_errors, step_s: float,
-                timing: dict, link_s: dict, fed: list, predicted_comm_s: float, budget_s: float,
-                issued_s: float) -> None:
-        est = self.controller.estimate()
+    def _record(self, plan: Plan, digest: str, samples, inputs: _StepInputs, local_errors, step_s: float,
+                timing: dict, predicted_comm_s: float, budget_s: float, issued_s: float) -> None:
+        est, link_s = self.controller.estimate(), inputs.link_s
         comm = {kind: s for kind, _, s in samples}
         self.metrics = {
             "step": plan.step, "bandwidth_bps": est.bandwidth_bps, "latency_s": est.latency_s, "framing": est.framing,
@@ -726,11 +737,12 @@ class Kimad:
             "predicted_bytes": plan.total_bytes, "actual_bytes": sum(nbytes for _, nbytes, _ in samples),
             "predicted_comm_s": predicted_comm_s,
             "actual_comm_s": comm.get("allgather", 0.0) + comm.get("allreduce", 0.0),
-            "agree_s": agree_s, "agree_bytes": agree_bytes, "compute_s": compute_s, "kimad_step_s": step_s,
+            "agree_s": inputs.agree_s, "agree_bytes": inputs.agree_bytes, "compute_s": inputs.compute_s,
+            "kimad_step_s": step_s,
             "allgather_s": comm.get("allgather", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
             "prev_link_comm_s": (sum(link_s.get(k, 0.0) for k in ("allgather", "allreduce"))
                                  if "allgather" in link_s else None),
-            "prev_link_agree_s": link_s.get("agree"), "link_samples": fed,
+            "prev_link_agree_s": link_s.get("agree"), "link_samples": inputs.fed,
             "row": self._row[0], "row_cached": self._row_cached, "dense_route": self._dense_route,
             "probe": self.controller.probing, "hedge": self.controller.hedging, "lift": self.controller.lifting,
             "plan_bandwidth_bps": self.controller.planned_bandwidth_bps,
