@@ -40,10 +40,10 @@ Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extensi
    without the lift the plan after the first one is still sized for the slow link and sends a fifth of the budget
    on a 20 -> 100 Mbit/s step; stalls never make a collective faster, so one fast, bits-bound sample is evidence.
    Replaying the link times of three LM comparisons (9 repeats, 4 emulated nodes, square trace 100 <-> 20 Mbit/s),
-   the plan right after the first fast sample was priced at 0.24x the new rate (median) and would have been lifted
-   to 0.97x [0.38-1.21] in 75 of 108 speed-ups, and 5 plans in ~1,400 steps on a steady link (the estimator lagging
-   after a speed-up) at 0.86-0.96x; the CNN's messages after a speed-up are too small to show the rate (the probe's
-   case) and were never lifted.
+   the plan right after the first fast sample was priced at 0.23x the new rate (median) and would have been lifted
+   to 0.95x [0.38-1.19] in 61 of 108 speed-ups (the others' first fast step straddled the change), 24 plans in the
+   next two steps at 0.98x and 5 later ones (the estimator still lagging) at 0.86-0.96x, no other; the CNN's
+   messages after a speed-up are too small to show the rate (the probe's case) and were never lifted.
 4. **Allocate** -- ``"uniform"`` (Kimad: one compression level for all tensors, the least
    aggressive that fits), ``"layerwise"`` (Kimad+: multiple-choice knapsack minimising the sum of
    squared errors under the budget, exact DP over ``bins`` cost bins, or the convex-hull
