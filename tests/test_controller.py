@@ -307,11 +307,17 @@ def feed_link(c: Controller, step: int, bps: float) -> None:
         c.observe_collective("allreduce", nbytes, 6e-4 + 8 * 1.5 * nbytes / bps, step)
 
 
-def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_declares_it():
-    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
+def settled(bps: float, budget: float, **options) -> Controller:
+    """A layerwise controller that planned 30 steps of a clean link at ``bps`` (:func:`feed_link`)."""
+    c = Controller(world_size=4, budget=budget, allocator="layerwise", densities=DENSITIES, **options)
     for step in range(30):
-        feed_link(c, step, 1e8)
+        feed_link(c, step, bps)
         c.plan(profiles(), step=step)
+    return c
+
+
+def test_a_five_times_slower_link_is_hedged_at_its_own_rate_until_the_estimator_declares_it():
+    c = settled(1e8, 0.01)
     fast = c.plan(profiles(), step=30)
     assert not c.hedging and c.planned_bandwidth_bps == c.estimate().bandwidth_bps
     hedged, estimates = [], []
@@ -386,10 +392,7 @@ def test_a_hedge_holds_while_its_small_messages_are_slow_though_under_the_trigge
 
 
 def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():
-    c = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
-    for step in range(30):
-        feed_link(c, step, 1e8)
-        c.plan(profiles(), step=step)
+    c = settled(1e8, 0.01)
     feed_link(c, 30, 1e8 / 3)  # one stall: 3x the bytes' time
     c.plan(profiles(), step=30)
     assert c.hedging
@@ -407,28 +410,19 @@ def test_one_stalled_step_hedges_one_plan_and_a_two_times_slower_link_none():
     assert not any(flags)
     assert c.estimate().bandwidth_bps == pytest.approx(1e8, rel=0.05)
     assert c.estimator.state.regime_changes == 0
-    halved = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES)
-    for step in range(30):
-        feed_link(halved, step, 1e8)
-        halved.plan(profiles(), step=step)
+    halved = settled(1e8, 0.01)
     for step in range(30, 45):  # below the trigger of 2.5x: the estimator alone follows it
         feed_link(halved, step, 5e7)
         halved.plan(profiles(), step=step)
         assert not halved.hedging
-    never = Controller(world_size=4, budget=0.01, allocator="layerwise", densities=DENSITIES, hedge_trigger=math.inf)
-    for step in range(30):
-        feed_link(never, step, 1e8)
-        never.plan(profiles(), step=step)
+    never = settled(1e8, 0.01, hedge_trigger=math.inf)
     feed_link(never, 30, 2e7)
     never.plan(profiles(), step=30)
     assert not never.hedging
 
 
 def test_a_five_times_faster_link_whose_messages_show_it_is_lifted_at_its_own_rate_until_the_estimator_declares_it():
-    c = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
-    for step in range(30):
-        feed_link(c, step, 2e7)
-        c.plan(profiles(), step=step)
+    c = settled(2e7, 0.05)
     assert not c.lifting
     ref = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES, lift_trigger=math.inf)
     lifted = []
@@ -448,10 +442,7 @@ def test_a_five_times_faster_link_whose_messages_show_it_is_lifted_at_its_own_ra
     assert len(lifted) == 1  # (faster_change_samples = 2: the second fast step declares the faster link)
     assert not c.lifting and not c.probing  # its messages showed the rate: no probe after the change either
     assert c.estimate().bandwidth_bps == pytest.approx(1e8, rel=0.15)
-    never = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES, lift_trigger=math.inf)
-    for step in range(30):
-        feed_link(never, step, 2e7)
-        never.plan(profiles(), step=step)
+    never = settled(2e7, 0.05, lift_trigger=math.inf)
     feed_link(never, 30, 1e8)
     never.plan(profiles(), step=30)
     assert not never.lifting and never.planned_bandwidth_bps < 4e7

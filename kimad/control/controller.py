@@ -302,7 +302,7 @@ class Controller:
         # 2-3x slower in all), and ends when one is fast again (a stall) or the estimator has followed.
         if not self.hedging and seconds < self.hedge_trigger * (latency_s + bits_s):
             return None
-        rate = self._planned_estimate.bandwidth_bps * bits_s / (seconds - latency_s)
+        rate = self._sample_rate(bits_s, latency_s, seconds)
         return rate if est.bandwidth_bps > HEDGE_MARGIN * rate else None
 
     def _lift_bandwidth(self, est: BandwidthEstimate) -> float | None:
@@ -316,8 +316,13 @@ class Controller:
         if bits_s <= 0 or self.lift_trigger * seconds > latency_s + bits_s \
                 or seconds - latency_s < PROBE_BITS_SHARE * seconds:
             return None  # (not that much faster, or mostly latency: its rate is the scheduler's jitter)
-        rate = self._planned_estimate.bandwidth_bps * bits_s / (seconds - latency_s)
+        rate = self._sample_rate(bits_s, latency_s, seconds)
         return rate if rate > HEDGE_MARGIN * est.bandwidth_bps else None
+
+    def _sample_rate(self, bits_s: float, latency_s: float, seconds: float) -> float:
+        """The bandwidth a collective implies: its bits (``bits_s`` seconds of them at the last plan's estimate)
+        over the time it took beyond its latency (``seconds > latency_s``)."""
+        return self._planned_estimate.bandwidth_bps * bits_s / (seconds - latency_s)
 
     def _allocate(self, menus: Sequence[tuple[str, Sequence[Option]]], budget_s: float) -> Allocation:
         costs = [np.array([o.time_s for o in opts], dtype=np.float64) for _, opts in menus]
