@@ -268,6 +268,9 @@ class Kimad:
         fill_budget: grow the plan's top-k messages by one common factor into what the allocator left of the
             budget (:func:`kimad.control.controller.fill_budget`; default True): the density grid is
             geometric, so without it a plan can land up to a grid step under the budget.
+        hedge_trigger, lift_trigger: when a collective ran this many times slower (hedge) or faster (lift) than
+            the last plan predicted, the next plan is priced at that collective's own rate until the estimator
+            follows (:class:`kimad.control.Controller`; defaults 2.5 and 2.0; ``math.inf`` turns either off).
         metrics_path: append one JSON line of :attr:`metrics` per step (rank 0 only, unless the path
             contains ``{rank}``). Besides plan and link figures, :attr:`metrics` times this rank's step,
             seconds: ``profile_s`` (error feedback + error profiles), ``plan_s`` (controller),
@@ -306,6 +309,7 @@ class Kimad:
                  densities: Iterable[float] | None = None, min_compress_numel: int = 1024, op=None,
                  bandwidth_bps: float | None = None, latency_s: float | None = None,
                  framing: float = TCP_ETHERNET_FRAMING, min_byte_share: float = 0.5, fill_budget: bool = True,
+                 hedge_trigger: float = 2.5, lift_trigger: float = 2.0,
                  metrics_path: str | None = None, log_every: int = 0, tensorboard_dir: str | None = None) -> None:
         compressors = tuple(compressors)
         densities = None if densities is None else tuple(densities)
@@ -337,13 +341,14 @@ class Kimad:
         self.controller = Controller(world_size=self.world_size, budget=budget_s, allocator=allocator,
                                      compressors=compressors, densities=densities,
                                      min_compress_numel=min_compress_numel, estimator=estimator, batched=True,
-                                     fill=fill_budget)
+                                     fill=fill_budget, hedge_trigger=hedge_trigger, lift_trigger=lift_trigger)
         self.budget = self.controller.budget  # the user's: FixedBudget or AutoBudget
         # a static plan needs nothing from the other ranks: no profiles, no agree allgather (module docstring)
         self._static = allocator == "static"
         # the options a plan depends on, in every step's fingerprint (_fingerprint)
         self._options = repr((self.budget, allocator, compressors, error_feedback, densities, min_compress_numel,
-                              bandwidth_bps, latency_s, framing, self.min_byte_share, fill_budget))
+                              bandwidth_bps, latency_s, framing, self.min_byte_share, fill_budget,
+                              self.controller.hedge_trigger, self.controller.lift_trigger))
         self.controller.budget = _BytesBudget(self.budget)
         if op is None:
             op = hvd.Average

@@ -7,6 +7,7 @@ and Horovod; elsewhere it skips and says why.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -232,6 +233,26 @@ def test_a_kimad_method_may_carry_its_own_budget(tmp_path):
     assert [w for w in plain if w not in ("auto:0.7",)] == [w for w in budgeted if w != "auto:0.25"]
 
 
+def test_the_no_lift_ablation_is_kimad_plus_with_the_lift_turned_off(tmp_path):
+    args = parse_args(["--methods", "kimad+", "kimad+nolift", "kimad+nolift@1"])
+    plain, ablated = (train_command(m, args, tmp_path / "log") for m in ("kimad+", "kimad+nolift"))
+    assert ablated[ablated.index("--lift-trigger") + 1] == "inf" and "--lift-trigger" not in plain
+    at_one = train_command("kimad+nolift@1", args, tmp_path / "log")
+    assert at_one[at_one.index("--budget") + 1] == "auto:1" and "--lift-trigger" in at_one
+    from kimad.bench.train import parse_args as train_args
+
+    assert train_args(ablated[3:]).lift_trigger == math.inf and train_args(plain[3:]).lift_trigger == 2.0
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "nan"])
+def test_a_lift_trigger_of_one_or_less_exits_2(value, capsys):
+    from kimad.bench.train import parse_args as train_args
+
+    with pytest.raises(SystemExit) as exit_:
+        train_args(["--lift-trigger", value])
+    assert exit_.value.code == 2 and "--lift-trigger must be > 1" in capsys.readouterr().err
+
+
 def test_without_root_it_says_so_and_runs_unshaped_on_localhost(tmp_path, monkeypatch, capsys):
     import kimad.emulate
     from kimad.bench import e2e
@@ -381,7 +402,7 @@ def test_the_report_command_rewrites_a_repeated_comparison(tmp_path, capsys):
     assert "| repeat 1 | repeat 2 | over repeats | met |" in capsys.readouterr().out
 
 
-def test_repeats_run_every_method_in_turn_into_their_own_directories(tmp_path, monkeypatch):
+def test_repeats_run_every_method_in_turn_into_their_own_directories_each_starting_at_the_next(tmp_path, monkeypatch):
     import kimad.emulate
     from kimad.bench import e2e
 
@@ -394,10 +415,13 @@ def test_repeats_run_every_method_in_turn_into_their_own_directories(tmp_path, m
 
     monkeypatch.setattr(kimad.emulate, "require_privileges", lambda: None)
     monkeypatch.setattr(e2e, "run_shaped", fake_shaped)
-    path = e2e.run(parse_args(["--methods", "none", "kimad+", "--repeats", "2", "--out", str(tmp_path)]))
-    assert ran == [("repeat-1", "none"), ("repeat-1", "kimad+"), ("repeat-2", "none"), ("repeat-2", "kimad+")]
-    assert path == tmp_path / "report.md" and "2 repeats of the same comparison" in path.read_text()
-    assert json.loads((tmp_path / "meta.json").read_text())["repeats"] == 2
+    path = e2e.run(parse_args(["--methods", "none", "kimad+", "kimad", "--repeats", "3", "--out", str(tmp_path)]))
+    # rotated: a drift of the machine over the comparison does not always land on the same method
+    assert ran == [("repeat-1", "none"), ("repeat-1", "kimad+"), ("repeat-1", "kimad"),
+                   ("repeat-2", "kimad+"), ("repeat-2", "kimad"), ("repeat-2", "none"),
+                   ("repeat-3", "kimad"), ("repeat-3", "none"), ("repeat-3", "kimad+")]
+    assert path == tmp_path / "report.md" and "3 repeats of the same comparison" in path.read_text()
+    assert json.loads((tmp_path / "meta.json").read_text())["repeats"] == 3
     assert "repeats" not in json.loads((tmp_path / "repeat-2" / "meta.json").read_text())
 
 

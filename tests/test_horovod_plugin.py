@@ -89,6 +89,8 @@ def test_synchronize_sleeps_between_polls_and_returns_horovods_result(monkeypatc
     ({"log_every": -1}, "log_every"),
     ({"min_byte_share": 1.5}, "min_byte_share"),
     ({"framing": 0.5}, "framing must be a finite number >= 1"),
+    ({"lift_trigger": 1.0}, "lift_trigger must be a number > 1"),
+    ({"hedge_trigger": float("nan")}, "hedge_trigger must be a number > 1"),
 ])
 def test_bad_options_raise_named_kimad_errors(hvd, options, match):
     model = nn.Linear(64, 64)

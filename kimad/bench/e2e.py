@@ -20,7 +20,8 @@ the emulator) and ``<method>.out`` (the ranks' output); then :mod:`kimad.bench.r
 ``report.md`` and plots. The ranks import a copy of this checkout's ``kimad`` package made when the
 comparison starts (``runs/NAME/code/``; ``meta.json`` records the git commit and whether the checkout
 differed from it), so the checkout can be edited while a comparison runs. With ``--repeats N`` the whole
-comparison runs N times, each into ``runs/NAME/repeat-<i>/`` (every method in turn within a repeat) with
+comparison runs N times, each into ``runs/NAME/repeat-<i>/`` (every method in turn within a repeat, repeat i
+starting at the i-th method, so that drift does not favour one method) with
 its own report, and ``runs/NAME/report.md`` gives the median and range of every figure and judges the
 targets on the medians: one comparison's time to 90% varies by a second or more.
 
@@ -40,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from kimad.bench.report import TARGET_LOSS, method_parts
+from kimad.bench.report import KIMAD_METHODS, TARGET_LOSS, method_parts
 from kimad.bench.train import FEEDBACK_CHOICES, WORKLOADS, parse_budget
 from kimad.errors import KimadError
 
@@ -56,10 +57,12 @@ METHODS: dict[str, list[str]] = {
     "kimad+": ["--compression", "kimad", "--allocator", "layerwise"],
     # Kimad+ whose menus also offer QSGD 8/4/2-bit and scaled sign (not in the default comparison).
     "kimad+q": ["--compression", "kimad", "--allocator", "layerwise", "--compressors", "topk", "qsgd", "sign"],
+    # Kimad+ without the controller's lift (an ablation: its plans wait for the estimator after a speed-up).
+    "kimad+nolift": ["--compression", "kimad", "--allocator", "layerwise", "--lift-trigger", "inf"],
 }
 # A Kimad method may carry its own budget: "kimad+@0.25" is Kimad+ at 0.25 times the compute time (--budget auto:0.25
 # for that method alone), so that budgets are compared within one comparison.
-BUDGETED = ("kimad", "kimad+", "kimad+q")
+BUDGETED = KIMAD_METHODS  # (the methods whose plans Kimad makes)
 DEFAULT_METHODS = ("none", "fp16", "static0.1", "static0.01", "kimad", "kimad+")
 QUICK_METHODS = ("none", "static0.01", "kimad+")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -321,7 +324,10 @@ def run(args: argparse.Namespace) -> Path:
         (out / "meta.json").write_text(json.dumps({**meta, "repeats": args.repeats}, indent=1))
     runner = run_shaped if shaped else run_localhost
     calm = 0.1 if sys.stderr.isatty() else 10.0  # piped output: a line every 10 s, not a stream of redraws
-    jobs = [(d, method) for d in dirs for method in args.methods]  # each repeat runs every method in turn
+    # Each repeat runs every method in turn, repeat i starting at method i (rotated), so that a drift of the
+    # machine over the comparison does not always favour the same method.
+    m = len(args.methods)
+    jobs = [(d, args.methods[(i + j) % m]) for i, d in enumerate(dirs) for j in range(m)]
     for d, method in tqdm(jobs, desc="methods", unit="method", position=0, mininterval=calm):
         for stale in (d / f"{method}.jsonl", d / f"rates-{method}.jsonl"):
             stale.unlink(missing_ok=True)

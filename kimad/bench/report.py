@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KIMAD_METHODS = ("kimad", "kimad+", "kimad+q")
+KIMAD_METHODS = ("kimad", "kimad+", "kimad+q", "kimad+nolift")
 ESTIMATE_TOLERANCE = 0.15  # the issue's: estimate within +-15% of the shaped rate
 RECOVERY_STEPS = 5  # ... and of a new rate at most this many steps after a change
 COMM_TOLERANCE = 0.25  # comm time within +-25% of the budget ...

@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--error-feedback", choices=FEEDBACK_CHOICES, default="ef21",
                    help="kimad: error feedback of the top-k messages: ef21 (Richtarik et al. 2021), ef (classic, "
                         "Seide et al. 2014: the residual is added to the next gradient) or none (default: ef21)")
+    p.add_argument("--lift-trigger", type=float, default=2.0,
+                   help="kimad: price the next plan at a collective's own rate when it ran this many times faster "
+                        "than planned ('inf': never; an ablation of the controller's lift) (default: 2.0)")
     # --step-log: horovodrun reads a bare --log after the command as an abbreviation of its own options.
     p.add_argument("--log", "--step-log", dest="log", default=None,
                    help="rank 0 appends one JSON line per step and per evaluation here (alias --step-log)")
@@ -149,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--eval-every-s and --max-seconds must be >= 0 seconds")
     if not 0 < args.density <= 1:
         p.error("--density must be in (0, 1]")
+    if not args.lift_trigger > 1:  # (NaN too)
+        p.error("--lift-trigger must be > 1 ('inf': never lift)")
     return args
 
 
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = AutoBudget(fraction=args.budget[1]) if isinstance(args.budget, tuple) else args.budget
         compression = Kimad(model.named_parameters(), budget_s=budget, allocator=args.allocator,
                             densities=densities, compressors=compressors, log_every=args.log_every,
+                            lift_trigger=args.lift_trigger,
                             error_feedback=None if args.error_feedback == "none" else args.error_feedback)
     else:
         compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[args.compression]
