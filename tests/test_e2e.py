@@ -420,7 +420,9 @@ def test_repeats_run_every_method_in_turn_into_their_own_directories_each_starti
     assert ran == [("repeat-1", "none"), ("repeat-1", "kimad+"), ("repeat-1", "kimad"),
                    ("repeat-2", "kimad+"), ("repeat-2", "kimad"), ("repeat-2", "none"),
                    ("repeat-3", "kimad"), ("repeat-3", "none"), ("repeat-3", "kimad+")]
-    assert path == tmp_path / "report.md" and "3 repeats of the same comparison" in path.read_text()
+    text = path.read_text()
+    assert path == tmp_path / "report.md" and "3 repeats of the same comparison" in text
+    assert "repeat i starts at the i-th method" in text
     assert json.loads((tmp_path / "meta.json").read_text())["repeats"] == 3
     assert "repeats" not in json.loads((tmp_path / "repeat-2" / "meta.json").read_text())
 

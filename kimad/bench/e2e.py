@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> Path:
             "seconds": args.seconds, "budget": args.budget, "error_feedback": args.error_feedback,
             "eval_every_s": args.eval_every_s, "target": args.target,
             "target_loss": args.target_loss, "seed": args.seed, "methods": args.methods,
-            "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}),
+            "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}), "method_order": "rotated",
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}
     args.code_root = snapshot_code(out)
     dirs = [out] if args.repeats == 1 else [out / f"{report.REPEAT_PREFIX}{i + 1}" for i in range(args.repeats)]

@@ -594,9 +594,8 @@ def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
              + f" at base {meta['rate_mbit']:g} Mbit/s" if meta["shaped"] else
              f"{meta['nodes']} ranks on localhost, unshaped")
     lines = ["# Kimad end-to-end comparison, repeated", "",
-             f"{n} repeats of the same comparison (same seed and trace; methods in the same order within each "
-             f"repeat, so slow drift of the machine touches every method alike), each with its own report and "
-             f"plots in `{REPEAT_PREFIX}<i>/`. Figures: median [min-max] over the repeats. {where}, "
+             f"{n} repeats of the same comparison (same seed and trace; {_order_text(meta)}), each with its own "
+             f"report and plots in `{REPEAT_PREFIX}<i>/`. Figures: median [min-max] over the repeats. {where}, "
              f"{meta['seconds']:g} s of training per method; {_feedback_text(meta)}. Started {meta['started']}"
              f"{_code_text(meta)}.", ""]
     names, final = _figure_columns(metric, target)
@@ -619,6 +618,14 @@ def render_repeats(meta: dict, repeats: list[dict[str, Run]]) -> str:
     for text in hedged:
         lines += ["", text]
     return "\n".join(lines) + "\n"
+
+
+def _order_text(meta: dict) -> str:
+    """How the methods took turns within the repeats (comparisons before ``method_order`` ran them in one order)."""
+    if meta.get("method_order") == "rotated":
+        return "repeat i starts at the i-th method and runs every method in turn, so a drift of the machine does " \
+               "not always fall on the same method"
+    return "methods in the same order within each repeat"
 
 
 def write_repeats_report(out: Path, target: float | None = None, target_loss: float | None = None) -> Path:
