@@ -348,6 +348,60 @@ def test_rate_changes_follow_the_training_clock_not_evaluations(tmp_path, monkey
     assert 0.9 <= applied[0][0] <= 1.25
 
 
+def test_every_job_runs_at_the_comparisons_horovod_cycle_time(tmp_path, monkeypatch):
+    import subprocess
+
+    import kimad.emulate
+    from kimad.bench import e2e
+    from kimad.emulate.traces import RateChange
+
+    class FakeCluster:
+        def __init__(self, nodes, trace, **kwargs):
+            self.trace = (RateChange(0.0, 0, 100.0),)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cycle_times = []
+
+    def fake_job(cluster, command, env, out):
+        cycle_times.append(env["HOROVOD_CYCLE_TIME"])
+        return 0
+
+    class FakeProc:
+        pid, returncode = 0, 0
+
+        def __init__(self, command, env, **kwargs):
+            cycle_times.append(env["HOROVOD_CYCLE_TIME"])
+
+        def poll(self):
+            return 0
+
+    class Bar:
+        n = 0
+
+    monkeypatch.setattr(kimad.emulate, "Cluster", FakeCluster)
+    monkeypatch.setattr(kimad.emulate, "run_horovod", fake_job)
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "7")  # the option wins over the caller's environment
+    for given, expected in (([], f"{e2e.CYCLE_TIME_MS:g}"), (["--cycle-time-ms", "0.5"], "0.5")):
+        args = parse_args(["--methods", "kimad+", "--seconds", "1", "--out", str(tmp_path), *given])
+        cycle_times.clear()
+        assert e2e.run_shaped("kimad+", args, tmp_path, Bar()) == 0
+        assert e2e.run_localhost("kimad+", args, tmp_path, Bar()) == 0
+        assert cycle_times == [expected, expected]
+
+
+def test_the_report_names_the_horovod_cycle_time(logs):
+    meta = json.loads((logs / "meta.json").read_text())
+    assert "Horovod cycle time 5 ms" in report.write_report(logs).read_text()  # a comparison from before the option
+    (logs / "meta.json").write_text(json.dumps({**meta, "cycle_time_ms": 1.0}))
+    assert "Horovod cycle time 1 ms" in report.write_report(logs).read_text()
+
+
 def repeated(tmp_path: Path, kimad_plus_accuracies: list[list[float]]) -> Path:
     """A comparison repeated once per list of Kimad+ accuracies (the baselines the same in every repeat)."""
     meta = {"workload": "mnist-digits-cnn", "nodes": 2, "trace": "step-down", "rate_mbit": 100.0, "seconds": 40.0,
@@ -543,6 +597,8 @@ def test_two_node_kimad_training_completes_across_the_emulated_cluster(tmp_path)
                                          (["--seconds", "0"], "must be > 0"),
                                          (["--period", "0"], "--period must be > 0 seconds"),
                                          (["--repeats", "0"], "--repeats must be >= 1"),
+                                         (["--cycle-time-ms", "0"], "--cycle-time-ms must be in (0, 1000]"),
+                                         (["--cycle-time-ms", "nan"], "--cycle-time-ms must be in (0, 1000]"),
                                          (["--budget", "auto:0"], "auto:F needs a fraction F > 0"),
                                          (["--budget", "auto:x"], "auto:F needs a fraction F > 0"),
                                          (["--budget", "-1"], "--budget must be > 0 seconds"),

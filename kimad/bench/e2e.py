@@ -14,7 +14,8 @@ validation loss) every ``--eval-every-s`` seconds of training (snapshots of the 
 after training so that evaluation never competes with the training steps for the machine). Every
 job waits for its collectives without spinning (``--quiet-wait``): the emulated nodes share this
 machine's cores, and Horovod's spinning wait would let a waiting rank take a working rank's core,
-which real nodes do not share. Per method ``runs/NAME/`` gets ``<method>.jsonl``
+which real nodes do not share. Every job runs at the same Horovod cycle time (``--cycle-time-ms``, set as
+``HOROVOD_CYCLE_TIME``). Per method ``runs/NAME/`` gets ``<method>.jsonl``
 (per-step log of :mod:`kimad.bench.train`), ``rates-<method>.jsonl`` (every shaped rate applied, from
 the emulator) and ``<method>.out`` (the ranks' output); then :mod:`kimad.bench.report` writes
 ``report.md`` and plots. The ranks import a copy of this checkout's ``kimad`` package made when the
@@ -66,6 +67,8 @@ BUDGETED = KIMAD_METHODS  # (the methods whose plans Kimad makes)
 DEFAULT_METHODS = ("none", "fp16", "static0.1", "static0.01", "kimad", "kimad+")
 QUICK_METHODS = ("none", "static0.01", "kimad+")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Horovod's cycle time for every job of a comparison, ms (HOROVOD_CYCLE_TIME; Horovod's own default is 5 ms).
+CYCLE_TIME_MS = 5.0
 
 
 class E2EError(KimadError, RuntimeError):
@@ -118,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-loss", type=float, default=None,
                    help=f"stdlib-lm: target validation loss, nats/token (default: {TARGET_LOSS})")
     p.add_argument("--seed", type=int, default=0, help="seed of every job (default: 0)")
+    p.add_argument("--cycle-time-ms", type=float, default=CYCLE_TIME_MS,
+                   help="Horovod's cycle time (HOROVOD_CYCLE_TIME) of every job, ms: a collective waits for the next "
+                        f"cycle of Horovod's background loop (Horovod's default: 5) (default: {CYCLE_TIME_MS:g})")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the whole comparison this many times, into OUT/repeat-<i>/, and report the median "
                         "over them in OUT/report.md (default: 1: one comparison, in OUT/)")
@@ -142,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--period must be > 0 seconds")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if not 0 < args.cycle_time_ms <= 1000:
+        p.error("--cycle-time-ms must be in (0, 1000] ms")
     try:
         parse_budget(args.budget)
     except ValueError as error:
@@ -159,14 +167,17 @@ def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list
             "--seed", str(args.seed), "--log-every", "100", "--step-log", str(log_path)]
 
 
-def rank_environment(code_root: Path = REPO_ROOT) -> dict[str, str]:
+def rank_environment(code_root: Path = REPO_ROOT, cycle_time_ms: float | None = None) -> dict[str, str]:
     """This environment with ``code_root`` (the folder holding the ``kimad`` package the ranks import: this
     checkout, or a comparison's snapshot of it) first on PYTHONPATH. For a snapshot also ``PYTHONSAFEPATH=1``:
-    ``python -m`` and ``-c`` otherwise put the working directory (often this checkout) ahead of PYTHONPATH."""
+    ``python -m`` and ``-c`` otherwise put the working directory (often this checkout) ahead of PYTHONPATH.
+    With ``cycle_time_ms``, ``HOROVOD_CYCLE_TIME`` (Horovod reads it in ``hvd.init()``)."""
     path = os.environ.get("PYTHONPATH", "")
     env = dict(os.environ, PYTHONPATH=f"{code_root}{os.pathsep}{path}" if path else str(code_root))
     if Path(code_root) != REPO_ROOT:
         env["PYTHONSAFEPATH"] = "1"
+    if cycle_time_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"
     return env
 
 
@@ -250,9 +261,9 @@ def run_shaped(method: str, args: argparse.Namespace, out: Path, bar) -> int:
                       log_path=rates_path, play=False)
     result: dict[str, int] = {}
     with cluster, open(out / f"{method}.out", "w") as console:
+        env = rank_environment(args.code_root, args.cycle_time_ms)
         job = threading.Thread(target=lambda: result.update(code=run_horovod(
-            cluster, train_command(method, args, log_path), env=rank_environment(args.code_root), out=console)),
-            daemon=True)
+            cluster, train_command(method, args, log_path), env=env, out=console)), daemon=True)
         pending = sorted((c for c in cluster.trace if c.time_s > 0), key=lambda c: c.time_s)
 
         def tick(entry: dict) -> None:
@@ -277,7 +288,7 @@ def run_localhost(method: str, args: argparse.Namespace, out: Path, bar) -> int:
                *train_command(method, args, log_path)]
     with open(out / f"{method}.out", "w") as console:
         proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
-                                env=rank_environment(args.code_root), start_new_session=True)
+                                env=rank_environment(args.code_root, args.cycle_time_ms), start_new_session=True)
         try:
             deadline = time.monotonic() + job_deadline_s(args)
             _follow(lambda: proc.poll() is not None or time.monotonic() > deadline, log_path, bar, args.seconds)
@@ -309,6 +320,7 @@ def run(args: argparse.Namespace) -> Path:
             "seconds": args.seconds, "budget": args.budget, "error_feedback": args.error_feedback,
             "eval_every_s": args.eval_every_s, "target": args.target,
             "target_loss": args.target_loss, "seed": args.seed, "methods": args.methods,
+            "cycle_time_ms": args.cycle_time_ms,
             "shaped": shaped, **({} if shaped else {"unshaped_reason": unshaped_reason}), "method_order": "rotated",
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}
     args.code_root = snapshot_code(out)

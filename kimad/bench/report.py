@@ -429,10 +429,12 @@ def _workload_text(meta: dict, metric: str) -> str:
 
 
 def _feedback_text(meta: dict) -> str:
-    """The comparison's error feedback of top-k messages (comparisons before the option: EF21, the default)."""
+    """The comparison's error feedback of top-k messages (comparisons before the option: EF21, the default) and
+    Horovod's cycle time (comparisons before ``cycle_time_ms``: Horovod's default, 5 ms)."""
     mode = meta.get("error_feedback", "ef21")
-    return {"ef21": "error feedback EF21", "ef": "classic error feedback (EF)",
-            "none": "no error feedback"}.get(mode, f"error feedback {mode}")
+    feedback = {"ef21": "error feedback EF21", "ef": "classic error feedback (EF)",
+                "none": "no error feedback"}.get(mode, f"error feedback {mode}")
+    return f"{feedback}, Horovod cycle time {meta.get('cycle_time_ms', 5.0):g} ms"
 
 
 def render(meta: dict, runs: dict[str, Run], plots: list[str]) -> str:
