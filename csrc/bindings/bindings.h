@@ -15,6 +15,7 @@ void bind_accumulate(pybind11::module_& m);
 void bind_topk(pybind11::module_& m);
 void bind_knapsack(pybind11::module_& m);
 void bind_quant(pybind11::module_& m);
+void bind_fit(pybind11::module_& m);
 // (each new op family adds its bind_* declaration above this line)
 
 // The error-feedback mode of an op's `mode` argument: 0 = EF, 1 = EF21.

@@ -30,5 +30,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   kimad::bindings::bind_topk(m);
   kimad::bindings::bind_knapsack(m);
   kimad::bindings::bind_quant(m);
+  kimad::bindings::bind_fit(m);
   // (each new op family adds its bind_* call above this line)
 }
