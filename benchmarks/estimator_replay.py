@@ -156,6 +156,9 @@ def main() -> None:
                    help="wire bytes per payload byte of the new estimator, and of an old one that has framing "
                         "(default 1514/1448, the plugin's)")
     args = p.parse_args()
+    missing = [str(run) for run in args.runs if not (run / f"{args.method}.jsonl").is_file()]
+    if missing:
+        p.error(f"not a run directory with {args.method}.jsonl: {', '.join(missing)}")
     estimators = {"old": load_estimator_class(args.old), "new": load_estimator_class(None)}
     print(f"{'run':<12} {'estimator':<9} {'MdAPE':>7} {'in 15%':>7} {'worst x':>8}  steps to within 15% "
           "after each change (first / for good)")

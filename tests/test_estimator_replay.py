@@ -66,3 +66,11 @@ def test_a_run_directory_reads_back_its_steps_and_node_0s_rate_changes(bench, tm
     assert [r["step"] for r in steps] == [0, 1, 2, 3]
     assert changes == [(1000.0, 100e6), (1002.0, 20e6)]
     assert bench.rate_at(changes, 1001.5) == 100e6 and bench.rate_at(changes, 1002.0) == 20e6
+
+
+def test_a_path_that_is_no_run_directory_exits_2_naming_it(bench, tmp_path, monkeypatch, capsys):
+    (tmp_path / "run.log").write_text("not a run\n")
+    monkeypatch.setattr("sys.argv", ["estimator_replay.py", str(tmp_path / "run.log")])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and "not a run directory with kimad+.jsonl" in capsys.readouterr().err
