@@ -49,7 +49,7 @@ import torch
 
 from kimad.bench.machine import cpu_model
 from kimad.compressors.topk import decode_topk, encode_topk
-from kimad.compressors.wire import HEADER_BYTES, topk_uses_bitmap
+from kimad.compressors.wire import HEADER_BYTES, TOPK_VALUE_BYTES, IndexKind, topk_index_kind
 from kimad.ops import error_profile, qsgd_encode, sign_encode, sparse_sum, topk_encode, topk_profile
 
 
@@ -112,7 +112,7 @@ def bench_bitmap(d: int, density: float, repeats: int, device: torch.device) -> 
     k = max(1, int(d * density))
     idx = torch.randint(0, d, (k,), generator=g).unique().to(torch.int32)
     message = encode_topk(torch.randn(idx.numel(), generator=g), idx, d)
-    bitmap = message[HEADER_BYTES + 4 * idx.numel():]
+    bitmap = message[HEADER_BYTES + TOPK_VALUE_BYTES * idx.numel():]
     a, b, c = torch.randn(d), torch.randn(d), torch.empty(d)
     shifts = torch.arange(8, dtype=torch.uint8)
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in sizes:
         reps = args.repeats if d <= 25_000_000 else max(3, args.repeats // 3)
         for density in densities:
-            bitmap = device.type == "cpu" and topk_uses_bitmap(d, max(1, int(d * density)))
+            bitmap = device.type == "cpu" and topk_index_kind(d, max(1, int(d * density))) is IndexKind.BITMAP
             for row in (bench_decode(d, density, 8, reps, device),
                         bench_ef_topk(d, density, reps, device),
                         bench_profile_encode(d, density, reps, device),

@@ -11,7 +11,10 @@ Three modes, state kept per tensor NAME in float32 (created as zeros on first us
 ``None`` -- no state: ``v = g``; the optimizer sees ``c``.
 
 For a tensor sent dense this step the message is ``v`` itself: EF21 ``h += v``, EF ``e = 0``.
-Top-k messages update the local state inside :func:`kimad.ops.topk_encode` (one fused pass).
+Top-k messages update the local state inside :func:`kimad.ops.topk_encode` (one fused pass); the
+message is then what the wire carries (values rounded to bfloat16, :func:`kimad.compressors.topk.wire_values`)
+and the state takes the rounding back at the sent positions, so ``C(v)`` above is always what the
+receivers decode.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from kimad import ops
+from kimad.compressors.topk import wire_values
 from kimad.errors import KimadError
 
 MODES = ("ef21", "ef", None)
@@ -172,13 +176,27 @@ class ErrorFeedback:
                                         name=name)
 
     def encode_topk(self, name: str, grad: torch.Tensor, k: int) -> ops.TopKMessage:
-        """Top-k message of ``v`` with the local state updated in place (:func:`kimad.ops.topk_encode`).
+        """Top-k message of ``v`` with the local state updated in place (:func:`kimad.ops.topk_encode`), its
+        values as the wire sends them (:func:`kimad.compressors.topk.wire_values`; the state keeps the rounding).
         When :meth:`error_profile` last profiled this very ``grad`` and nothing changed since, the encode
         reuses that profile's histogram (one pass over the data fewer)."""
         profile, state = self._profiles.pop(name, (None, None))
         if profile is None or not profile.describes(grad, state, self.ops_mode):
             profile, state = None, self.local_state(name, grad)
-        return ops.topk_encode(grad, state, k, mode=self.ops_mode, name=name, profile=profile)
+        msg = ops.topk_encode(grad, state, k, mode=self.ops_mode, name=name, profile=profile)
+        # The wire rounds the values (bfloat16): the state takes what rounding drops, where it was sent. EF21
+        # h = h + values becomes h + sent; EF's e (zero where sent) becomes values - sent. Without feedback the
+        # rounding is lost (it is counted in the error).
+        sent = wire_values(msg.values)
+        dropped = msg.values - sent
+        if self.mode is not None:
+            flat = state.view(-1)
+            if self.mode == "ef21":
+                flat.index_add_(0, msg.indices.long(), dropped, alpha=-1.0)
+            else:
+                flat.index_add_(0, msg.indices.long(), dropped)
+        sq_error = msg.sq_error + float(dropped.double().square().sum()) if k else msg.sq_error
+        return ops.TopKMessage(values=sent, indices=msg.indices, sq_norm=msg.sq_norm, sq_error=sq_error)
 
     def error_profile(self, name: str, grad: torch.Tensor, ks: list[int]) -> tuple[list[float], float]:
         """``(errors, sq_norm)`` of ``v`` for each k (:func:`kimad.ops.topk_profile`); the state is unchanged.

@@ -50,7 +50,8 @@ needs all gradients at once (one plan for the whole step), so:
       (:meth:`~kimad.control.Plan.digest`);
    d. top-k tensors are encoded with :func:`kimad.ops.topk_encode` (updating the local error-feedback
       state; it starts from step b's histogram, so v is read twice per step, not three times) into the exact
-      wire format of :mod:`kimad.compressors.topk`; QSGD and sign tensors with
+      wire format of :mod:`kimad.compressors.topk` (bfloat16 values, the state keeping their rounding; positions
+      as int32, a bitmap or 16-bit block offsets, whichever is smallest); QSGD and sign tensors with
       :func:`kimad.ops.qsgd_encode` / :func:`kimad.ops.sign_encode` (same state update; QSGD's draws
       keyed by step, tensor and rank) into the layout of :mod:`kimad.compressors.quant`, in buckets of
       ``DEFAULT_BUCKET`` elements; dense tensors (``v``) are concatenated into one float32 buffer;

@@ -80,11 +80,11 @@ def test_break_even_density_is_the_last_k_where_sparse_is_not_slower(n, numel):
 def reference_break_even(numel, n, alpha, bandwidth_bps):
     """Largest k / numel with (n-1) alpha + (n-1) m(k) 8 / bw <= 2 (n-1) alpha + 2 (n-1)/n 4 numel 8 / bw.
 
-    Found by trying every k, with m(k) = 8 + 4 k + min(4 k, ceil(numel / 8)) bytes.
+    Found by trying every k, with m(k) = 8 + 2 k + min(4 k, ceil(numel / 8), 4 ceil(numel / 65536) + 2 k) bytes.
     """
     best = -1
     for k in range(numel + 1):
-        m = 8 + 4 * k + min(4 * k, (numel + 7) // 8)
+        m = 8 + 2 * k + min(4 * k, (numel + 7) // 8, 4 * ((numel + 65535) // 65536) + 2 * k)
         sparse = (n - 1) * alpha + (n - 1) * m * 8 / bandwidth_bps
         dense = 2 * (n - 1) * alpha + 2 * (n - 1) / n * 4 * numel * 8 / bandwidth_bps
         if sparse <= dense:
@@ -102,18 +102,19 @@ def test_break_even_density_falls_like_one_over_world_size():
     numel = 10**6
     d = {n: CostModel(1e9, 0.0, n).dense_break_even_density(numel) for n in (2, 4, 8, 16, 32, 64, 128)}
     assert d[2] > d[4] > d[8] > d[16] > d[32] > d[64] > d[128]
-    for n in (32, 64, 128):  # int32 indices: 8 k < 8 numel / n
-        assert d[n] == pytest.approx(1 / n, rel=1e-3)
-    for n in (2, 4, 8, 16):  # bitmap: 4 k + numel / 8 < 8 numel / n
-        assert d[n] == pytest.approx(2 / n - 1 / 32, rel=1e-3)
+    assert d[2] == 1.0  # 2 ranks: even every entry (bfloat16 + bitmap) costs less than the float32 allreduce
+    for n in (32, 64, 128):  # block16 offsets: 4 k < 8 numel / n (less its 4 bytes a block)
+        assert d[n] == pytest.approx(2 / n, rel=2e-3)
+    for n in (4, 8, 16):  # bitmap: 2 k + numel / 8 < 8 numel / n
+        assert d[n] == pytest.approx(4 / n - 1 / 16, rel=1e-3)
 
 
 def test_break_even_counts_the_latencies_the_allgather_saves():
     numel = 10**6
     without = CostModel(1e9, 0.0, 64).dense_break_even_density(numel)
     with_latency = CostModel(1e9, 1e-4, 64).dense_break_even_density(numel)
-    # 63 latencies fewer: alpha * bandwidth / 8 = 12,500 more bytes, 8 bytes per top-k entry with indices
-    assert with_latency == pytest.approx(without + 12_500 / 8 / numel, rel=1e-3)
+    # 63 latencies fewer: alpha * bandwidth / 8 = 12,500 more bytes, 4 bytes per top-k entry (block16)
+    assert with_latency == pytest.approx(without + 12_500 / 4 / numel, rel=1e-3)
 
 
 @pytest.mark.parametrize("kwargs", [dict(bandwidth_bps=0.0), dict(bandwidth_bps=math.nan), dict(latency_s=-1e-6),
@@ -165,10 +166,12 @@ def test_a_batched_model_prices_options_by_their_bytes_only():
         bits = 8 * link_bytes(fmt.collective, 2, message_bytes(fmt, 10**5, k=k))
         assert batched.option_time(fmt, 10**5, k=k) == pytest.approx(bits / 1e9)
         assert plain.option_time(fmt, 10**5, k=k) == pytest.approx(bits / 1e9 + latency_terms(fmt.collective, 2) * 1e-3)
-    # Top-k of every element (values + bitmap) is larger than the dense tensor: unbatched, its allgather's
-    # fewer latencies made it look cheaper; batched (one collective for all), it is not.
+    # Top-k of every element (bfloat16 values + bitmap) puts more on each link than the dense allreduce at 4
+    # ranks (3 x 2.125 n against 1.5 x 4 n bytes): unbatched, its allgather's fewer latencies made it look
+    # cheaper; batched (one collective for all), it is not.
+    plain, batched = CostModel(1e9, 1e-3, 4), CostModel(1e9, 1e-3, 4, batched=True)
     n = 10**5
-    assert message_bytes(MessageFormat.TOPK, n, k=n) > 4 * n
+    assert link_bytes("allgather", 4, message_bytes(MessageFormat.TOPK, n, k=n)) > link_bytes("allreduce", 4, 4 * n)
     assert plain.option_time(MessageFormat.TOPK, n, k=n) < plain.option_time(MessageFormat.DENSE32, n)
     assert batched.option_time(MessageFormat.TOPK, n, k=n) > batched.option_time(MessageFormat.DENSE32, n)
 

@@ -79,7 +79,10 @@ def test_the_native_fit_computes_what_the_numpy_fit_computed(seed, n_steps, worl
     got = native_fit(state, data, w, joint)
     # Sums run in another order: a decision at a threshold (a converged step, a Tukey cut-off) may fall the other
     # way, which moves the fit by about the iterations' tolerance (1e-4 of a predicted time), never more than 1%.
-    same = (got[2] == ref[2] and (close(got[0], ref[0], 1e-2) or abs(got[0] - ref[0]) < 1e-9)
+    # A latency of zero (noise-free samples of a zero-latency link) sits on the joint solution's "alpha >= 0"
+    # edge: rounding decides whether the joint fit or the one at alpha = 0 (not identified) returns it; same fit.
+    at_zero_latency = abs(got[0]) < 1e-9 and abs(ref[0]) < 1e-9
+    same = ((got[2] == ref[2] or at_zero_latency) and (close(got[0], ref[0], 1e-2) or abs(got[0] - ref[0]) < 1e-9)
             and close(got[1], ref[1], 1e-2) and np.allclose(got[3], ref[3], rtol=5e-2, atol=5e-2))
     assert same or chosen_at_a_tie(data, w, got) or chosen_at_a_tie(data, w, ref), (got[:3], ref[:3])
 

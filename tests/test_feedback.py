@@ -16,6 +16,11 @@ def topk_ref(v: torch.Tensor, k: int) -> torch.Tensor:
     return out.view_as(v)
 
 
+def sent_ref(v: torch.Tensor, k: int) -> torch.Tensor:
+    """What the wire carries of TopK_k(v): the kept values rounded to bfloat16."""
+    return topk_ref(v, k).to(torch.bfloat16).to(torch.float32)
+
+
 def grads(seed: int, shape=(4, 6)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
@@ -31,7 +36,7 @@ def test_ef21_top_k_sends_g_minus_h_and_h_tracks_it():
     for step in range(3):
         g = grads(step)
         msg = fb.encode_topk("w", g, 5)
-        sent = topk_ref(g - h, 5)
+        sent = sent_ref(g - h, 5)
         assert torch.equal(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), sent)
         h = h + sent
         assert torch.allclose(fb.local["w"], h)
@@ -43,8 +48,8 @@ def test_ef_top_k_sends_g_plus_e_and_keeps_the_residual():
         g = grads(step)
         msg = fb.encode_topk("w", g, 5)
         v = g + e
-        sent = topk_ref(v, 5)
-        assert torch.allclose(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), sent)
+        sent = sent_ref(v, 5)
+        assert torch.equal(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), sent)
         e = v - sent
         assert torch.allclose(fb.local["w"], e)
 
@@ -54,8 +59,35 @@ def test_no_feedback_sends_top_k_of_g_and_keeps_no_state():
     for step in range(2):
         g = grads(step)
         msg = fb.encode_topk("w", g, 5)
-        assert torch.equal(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), topk_ref(g, 5))
+        assert torch.equal(torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6), sent_ref(g, 5))
     assert fb.local == {} and fb.global_estimate == {}
+
+
+@pytest.mark.parametrize("mode", ["ef21", "ef"])
+def test_the_state_keeps_what_bfloat16_rounding_drops(mode):
+    """Over many steps the sent messages plus the state account for every gradient exactly (up to float32
+    rounding): EF21 h is the sum of what was sent; EF's residual plus all sent is the sum of the gradients."""
+    fb = ErrorFeedback(mode)
+    total_g, total_sent = torch.zeros(4, 6, dtype=torch.float64), torch.zeros(4, 6, dtype=torch.float64)
+    for step in range(50):
+        g = grads(step) * 3.3
+        msg = fb.encode_topk("w", g, 3)
+        sent = torch.zeros(24).index_put_((msg.indices.long(),), msg.values).view(4, 6)
+        assert torch.equal(sent, sent.to(torch.bfloat16).to(torch.float32))  # exactly what the wire holds
+        total_g += g.double()
+        total_sent += sent.double()
+    if mode == "ef21":
+        assert torch.allclose(fb.local["w"].double(), total_sent, atol=1e-4)
+    else:
+        assert torch.allclose(fb.local["w"].double() + total_sent, total_g, atol=1e-4)
+
+
+def test_the_error_counts_the_rounding():
+    fb = ErrorFeedback(None)
+    g = grads(0) * 3.3
+    msg = fb.encode_topk("w", g, 24)  # everything sent: only the rounding is lost
+    assert msg.sq_error == pytest.approx(float((g - g.bfloat16().float()).double().square().sum()), rel=1e-9)
+    assert msg.sq_error > 0
 
 
 @pytest.mark.parametrize("mode", ["ef21", "ef", None])
@@ -98,7 +130,7 @@ def test_float16_and_non_contiguous_gradients_use_float32_state():
     g = grads(0, (6, 4)).t()  # non-contiguous
     fb.encode_topk("w", g.half(), 4)
     assert fb.local["w"].dtype == torch.float32 and fb.local["w"].shape == (4, 6)
-    assert torch.allclose(fb.local["w"], topk_ref(g.half().float(), 4))
+    assert torch.allclose(fb.local["w"], sent_ref(g.half().float(), 4))
 
 
 def test_a_state_of_the_wrong_size_is_reported_with_the_name():

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from kimad import KimadError
-from kimad.compressors.wire import HEADER_BYTES, MessageFormat, message_bytes, topk_uses_bitmap
+from kimad.compressors.wire import HEADER_BYTES, IndexKind, MessageFormat, message_bytes, topk_index_kind
 
 
 def test_dense_formats_have_no_header():
@@ -16,10 +16,18 @@ def test_dense_formats_have_no_header():
 
 @pytest.mark.parametrize("n, k", [(0, 0), (1, 1), (1000, 0), (1000, 10), (1000, 31), (1000, 32), (1000, 1000),
                                   (10**7, 10**5)])
-def test_topk_sends_values_plus_the_smaller_of_indices_and_bitmap(n, k):
-    expected = HEADER_BYTES + 4 * k + min(4 * k, math.ceil(n / 8))
-    assert message_bytes("topk", n, k=k) == expected
-    assert topk_uses_bitmap(n, k) == (math.ceil(n / 8) < 4 * k)
+def test_topk_sends_bfloat16_values_plus_the_smallest_position_encoding(n, k):
+    sizes = {IndexKind.INT32: 4 * k, IndexKind.BITMAP: math.ceil(n / 8),
+             IndexKind.BLOCK16: 4 * math.ceil(n / 65536) + 2 * k}
+    assert message_bytes("topk", n, k=k) == HEADER_BYTES + 2 * k + min(sizes.values())
+    smallest = [kind for kind in IndexKind if sizes[kind] == min(sizes.values())]
+    assert topk_index_kind(n, k) is smallest[0]  # ties: the lower kind
+
+
+def test_a_low_density_position_costs_four_bytes():
+    n, k = 1_000_000, 10_000  # 1%
+    assert topk_index_kind(n, k) is IndexKind.BLOCK16
+    assert message_bytes("topk", n, k=k) == HEADER_BYTES + 4 * k + 4 * 16
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

@@ -8,9 +8,14 @@ sent as one of:
 ``dense32``  n float32, by allreduce: ``4 n`` bytes, no header (shape is known to every rank).
 ``dense16``  n float16, by allreduce: ``2 n`` bytes, no header.
 ``topk``     k values of the corrected gradient, by allgather. Layout: an 8-byte header
-             (uint32 k, uint8 index kind, 3 bytes zero), then k float32 values, then the
-             positions, as k int32 indices (``4 k`` bytes) or as a bitmap of n bits
-             (``ceil(n / 8)`` bytes), whichever is smaller (ties: indices).
+             (uint32 k, uint8 index kind, 3 bytes zero), then k bfloat16 values (``2 k`` bytes;
+             error feedback keeps what rounding drops, see :mod:`kimad.feedback`), then the
+             positions in the smallest of three encodings (:func:`topk_index_kind`; ties go to
+             the lower kind): ``INT32`` k int32 indices (``4 k`` bytes), ``BITMAP`` n bits
+             (``ceil(n / 8)`` bytes), or ``BLOCK16``: one uint32 count per block of 65,536
+             positions, then each position's uint16 offset in its block (``4 ceil(n / 65536) + 2 k``
+             bytes). A position costs 2 + 2 = 4 bytes at low density (8 with float32 values and
+             int32 indices) and 2 + 1 / (8 density) at high density.
 ``qsgd``     stochastic quantisation with ``bits`` in {8, 4, 2} per element (1 sign bit and
              ``bits - 1`` level bits, ``s = 2**(bits-1) - 1`` levels), in buckets of
              ``bucket`` elements, by allgather. Layout: 8-byte header, one float32 norm per
@@ -45,9 +50,38 @@ class MessageFormat(str, enum.Enum):
         return "allreduce" if self in (MessageFormat.DENSE32, MessageFormat.DENSE16) else "allgather"
 
 
-def topk_uses_bitmap(n: int, k: int) -> bool:
-    """Whether a top-k message of ``k`` out of ``n`` positions sends a bitmap rather than int32 indices."""
-    return (n + 7) // 8 < 4 * k
+TOPK_VALUE_BYTES = 2  # bfloat16
+# Expected squared error of rounding a value to bfloat16, relative to its square: round to nearest with 8
+# significant bits leaves a relative error of at most 2**-9, about uniform, so (2**-9)**2 / 3.
+TOPK_ROUNDING_REL_SQ_ERROR = 2.0 ** -18 / 3
+BLOCK16_SPAN = 1 << 16  # positions per BLOCK16 block
+
+
+class IndexKind(enum.IntEnum):
+    """How a top-k message encodes its positions (the header's index-kind byte)."""
+
+    INT32 = 0
+    BITMAP = 1
+    BLOCK16 = 2
+
+
+def topk_index_bytes(kind: IndexKind, n: int, k: int) -> int:
+    """Bytes of the positions of a top-k message of ``k`` out of ``n`` positions in encoding ``kind``."""
+    if kind is IndexKind.INT32:
+        return 4 * k
+    if kind is IndexKind.BITMAP:
+        return (n + 7) // 8
+    return 4 * ((n + BLOCK16_SPAN - 1) // BLOCK16_SPAN) + 2 * k
+
+
+def topk_index_kind(n: int, k: int) -> IndexKind:
+    """The encoding a top-k message of ``k`` out of ``n`` positions uses: the smallest (ties: the lower kind)."""
+    kind, size = IndexKind.INT32, 4 * k
+    if (n + 7) // 8 < size:
+        kind, size = IndexKind.BITMAP, (n + 7) // 8
+    if topk_index_bytes(IndexKind.BLOCK16, n, k) < size:
+        kind = IndexKind.BLOCK16
+    return kind
 
 
 def message_bytes(fmt: MessageFormat | str, n: int, *, k: int | None = None, bits: int | None = None,
@@ -77,8 +111,7 @@ def message_bytes(fmt: MessageFormat | str, n: int, *, k: int | None = None, bit
     if fmt is MessageFormat.TOPK:
         if k is None or not 0 <= k <= n:
             raise KimadError(f"topk needs 0 <= k <= n={n:,}, got k={k}")
-        index_bytes = (n + 7) // 8 if topk_uses_bitmap(n, k) else 4 * k
-        return HEADER_BYTES + 4 * k + index_bytes
+        return HEADER_BYTES + TOPK_VALUE_BYTES * k + topk_index_bytes(topk_index_kind(n, k), n, k)
     if bucket < 1:
         raise KimadError(f"bucket must be >= 1 element, got {bucket}")
     buckets = (n + bucket - 1) // bucket

@@ -203,11 +203,11 @@ class CostModel:
         Derivation (bandwidth terms): a top-k message of ``m`` bytes costs ``(n-1) m`` bytes per link,
         dense fp32 costs ``2 (n-1)/n * D`` with ``D = 4 numel``, so sparse wins iff ``m < 2 D / n``
         (plus ``alpha * bandwidth / (8 framing)`` bytes, because the allgather pays ``n-1`` fewer latencies).
-        With int32 indices ``m ~ 8 k``, i.e. ``k / numel < 1 / n``; with the ``numel / 8``-byte bitmap
-        ``m ~ 4 k + numel / 8``, i.e. ``k / numel < 2 / n - 1 / 32`` (the smaller message is sent, so the
-        bitmap decides for ``n < 32``). Either way sparse only pays off below roughly ``1/n`` density,
-        about ``2/n`` of the dense bytes. Returns the largest ``k / numel`` whose top-k time is <= the
-        dense time (0.0 if even ``k = 0`` loses); 1.0 when ``n == 1`` (nothing is communicated).
+        With bfloat16 values and block16 offsets ``m ~ 4 k``, i.e. ``k / numel < 2 / n``; with the
+        ``numel / 8``-byte bitmap ``m ~ 2 k + numel / 8``, i.e. ``k / numel < 4 / n - 1 / 16`` (the smaller
+        message is sent, so the bitmap decides for ``n < 32``). Either way sparse only pays off below roughly
+        ``2/n`` density (a message of at most ``2/n`` of the dense bytes). Returns the largest ``k / numel`` whose
+        top-k time is <= the dense time (0.0 if even ``k = 0`` loses); 1.0 when ``n == 1`` (nothing is communicated).
         """
         if not isinstance(numel, int) or numel < 1:
             raise CostModelError(f"numel must be an int >= 1, got {numel!r}")

@@ -27,7 +27,7 @@ import functools
 import math
 from typing import Mapping, Sequence
 
-from kimad.compressors.wire import QSGD_BITS, MessageFormat, message_bytes
+from kimad.compressors.wire import QSGD_BITS, TOPK_ROUNDING_REL_SQ_ERROR, MessageFormat, message_bytes
 from kimad.control.cost import CostModel
 from kimad.errors import KimadError
 
@@ -106,7 +106,9 @@ def build_menu(name: str, numel: int, *, cost_model: CostModel, densities: Seque
         cost_model: prices each option's message in seconds.
         densities: top-k densities in (0, 1], distinct, any order.
         topk_errors: ``||g - topk_k(g)||^2`` for each density (same order as ``densities``), from the
-            error profile op; each in ``[0, sq_norm]`` (dropping entries cannot remove more than all).
+            error profile op; each in ``[0, sq_norm]`` (dropping entries cannot remove more than all). An
+            option's error adds the expected bfloat16 rounding of the sent values
+            (``wire.TOPK_ROUNDING_REL_SQ_ERROR`` times ``sq_norm`` minus that error).
         sq_norm: ``||g||^2`` of the (corrected) gradient, >= 0.
         qsgd_errors: expected squared error per qsgd bit width (8, 4, 2); needed when ``"qsgd"`` is asked.
         sign_error: squared error of scaled sign; needed when ``"sign"`` is asked.
@@ -147,6 +149,8 @@ def build_menu(name: str, numel: int, *, cost_model: CostModel, densities: Seque
                 raise MenuError(f"tensor {name!r}: top-k error {err!r} at density {d:g} exceeds "
                                 f"||g||^2 = {sq_norm!r}; errors and norm must come from the same gradient")
             k = min(numel, max(1, round(d * numel)))
+            # the sent values' bfloat16 rounding adds its expected error on the sent part, ||g||^2 - err
+            err += TOPK_ROUNDING_REL_SQ_ERROR * max(0.0, sq_norm - err)
             options.append(option(labels[d], MessageFormat.TOPK, level, err, k=k))
             level += 1
     if "qsgd" in compressors:

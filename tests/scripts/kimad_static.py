@@ -2,10 +2,10 @@
 hands the optimizer exactly what top-k + EF21 on every rank gives.
 
 Every step each rank also allgathers its raw gradients (a plain Horovod allgather), replays every rank's EF21 --
-``h_r += TopK(g_r - h_r)``, ``H += mean_r TopK(g_r - h_r)`` for the top-k tensors, ``H = mean_r g_r`` for the
-dense ones -- and checks the gradients Kimad handed the optimizer against ``H``, and that the step issued no
-agree allgather, profiled nothing and gathered a row of the same size every step. Rank 0 prints
-``kimad static: {json}``.
+``h_r += TopK(g_r - h_r)`` (its values rounded to bfloat16, as sent), ``H += mean_r TopK(g_r - h_r)`` for the
+top-k tensors, ``H = mean_r g_r`` for the dense ones -- and checks the gradients Kimad handed the optimizer
+against ``H``, and that the step issued no agree allgather, profiled nothing and gathered a row of the same
+size every step. Rank 0 prints ``kimad static: {json}``.
 """
 
 import json
@@ -21,9 +21,10 @@ DENSITY, STEPS = 0.05, 6
 
 
 def topk(v: torch.Tensor, k: int) -> torch.Tensor:
+    """TopK_k(v) as the wire carries it: the kept values rounded to bfloat16."""
     out = torch.zeros_like(v)
     idx = v.abs().topk(k).indices
-    out[idx] = v[idx]
+    out[idx] = v[idx].to(torch.bfloat16).to(torch.float32)
     return out
 
 
