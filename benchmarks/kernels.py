@@ -26,8 +26,8 @@ Ops covered so far:
             "x torch" column is against the same two ops unfused (the encode builds its own
             histogram), not torch; what profiling adds on top of the encode is this row's time
             minus ef_topk's, in floors.
-  bitmap    (CPU, densities above 1/32, where a top-k message sends a bitmap instead of int32 indices) the
-            decode of one message's bitmap to its k int32 positions (``decode_topk``'s native scan,
+  bitmap    (CPU, densities above about 1/16, where a top-k message sends a bitmap instead of 16-bit block
+            offsets) the decode of one message's bitmap to its k int32 positions (``decode_topk``'s native scan,
             bounds and count checks included) vs torch: unpack the bits (shift and mask) and ``nonzero``.
   qsgd4_ef  fused EF QSGD encode, 4 bits, buckets of 512 (payload + state update) vs torch:
             ``v = g + e``, bucket norms, ``floor(|v| / N * 7 + rand)``, ``e = v - Q(v)``, nibble packing.
