@@ -4,9 +4,10 @@
 
 Menus are random but shaped like a real model's: L tensors of log-uniform size (1e3 .. 1e7
 elements); option r of R is top-k at density ``d_r`` (geometric from 1 = dense down to 1e-3),
-costing ``latency + bytes / bandwidth`` seconds (4 bytes per element dense, 8 per kept entry
-sparse: value + index) and leaving error ``||g||^2 * (1 - d_r ** 0.3)`` (gradient energy is
-concentrated, so a few entries hold most of it). Cost falls and error rises with compression.
+costing ``latency + bytes / bandwidth`` seconds (4 bytes per element dense; top-k at the exact size
+of its wire message, ``kimad.compressors.wire.message_bytes``: about 4 bytes per kept entry) and
+leaving error ``||g||^2 * (1 - d_r ** 0.3)`` (gradient energy is concentrated, so a few entries hold
+most of it). Cost falls and error rises with compression.
 The budget is 30% of the all-dense cost.
 
 Per row: median wall-clock milliseconds (after one warm-up) of ``allocate_layerwise`` (the DP,
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from kimad.bench.machine import describe_cpu
+from kimad.compressors.wire import message_bytes
 from kimad.control.allocate import allocate_lagrangian, allocate_layerwise, allocate_uniform
 
 BANDWIDTH_BYTES_PER_S = 10e9 / 8  # 10 Gbit/s
@@ -58,7 +60,8 @@ def model_menus(tensors: int, options: int, seed: int):
     costs, errors, levels = [], [], []
     for n, g2 in zip(sizes, energy):
         kept = np.maximum(1, np.round(density * n)).astype(np.int64)
-        wire = np.where(density >= 1.0, 4 * n, 8 * kept)
+        wire = np.array([4 * n if d >= 1.0 else message_bytes("topk", int(n), k=int(min(k, n)))
+                         for d, k in zip(density, kept)], dtype=float)
         costs.append(LATENCY_S + wire / BANDWIDTH_BYTES_PER_S)
         errors.append(g2 * (1.0 - np.minimum(1.0, kept / n) ** 0.3))
         levels.append(np.arange(options, dtype=float))
