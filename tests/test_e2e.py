@@ -225,6 +225,18 @@ def test_each_static_method_runs_static_top_k_at_the_density_its_name_gives(tmp_
         assert float(command[command.index("--density") + 1]) == float(method.removeprefix("static"))
 
 
+def test_any_static_density_in_0_1_is_a_method_and_others_are_refused(tmp_path, capsys):
+    args = parse_args(["--methods", "static0.2", "static0.05", "static1"])
+    for method, density in zip(args.methods, ("0.2", "0.05", "1")):
+        command = train_command(method, args, tmp_path / "log")
+        assert command[command.index("--allocator") + 1] == "static"
+        assert command[command.index("--density") + 1] == density
+    for bad in ("static0", "static1.5", "static-0.1", "staticx", "static0.1@2"):
+        with pytest.raises(SystemExit):
+            parse_args(["--methods", bad])
+        assert bad in capsys.readouterr().err
+
+
 def test_a_kimad_method_may_carry_its_own_budget(tmp_path):
     args = parse_args(["--methods", "static0.1", "kimad+", "kimad+@0.25", "kimad@2", "--budget", "auto:0.7"])
     budgets = {m: (c := train_command(m, args, tmp_path / "log"))[c.index("--budget") + 1] for m in args.methods}

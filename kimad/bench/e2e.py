@@ -7,10 +7,10 @@
 One Horovod job per method, same seed, each on a freshly set-up cluster whose bandwidth trace plays
 on that job's training clock (evaluations excluded; so every method sees the same rate at the same
 training time): uncompressed Horovod, Horovod's fp16, static top-k + EF (the GRACE/DGC
-baseline, through Kimad's plugin with ``allocator="static"``) at 10% and 1% (3% on request), Kimad (uniform) and
-Kimad+ (layerwise). Each job trains ``--workload`` (the digits CNN, or the language model on the
-standard library's source) for ``--seconds`` of training time and evaluates it (test accuracy, or
-validation loss) every ``--eval-every-s`` seconds of training (snapshots of the weights, evaluated
+baseline, through Kimad's plugin with ``allocator="static"``) at 10% and 1% (any density D on request as
+``static<D>``), Kimad (uniform) and Kimad+ (layerwise). Each job trains ``--workload`` (the digits CNN,
+or the language model on the standard library's source) for ``--seconds`` of training time and evaluates
+it (test accuracy, or validation loss) every ``--eval-every-s`` seconds of training (snapshots of the weights, evaluated
 after training so that evaluation never competes with the training steps for the machine). Every
 job waits for its collectives without spinning (``--quiet-wait``): the emulated nodes share this
 machine's cores, and Horovod's spinning wait would let a waiting rank take a working rank's core,
@@ -75,12 +75,29 @@ class E2EError(KimadError, RuntimeError):
     """A training job of the comparison failed or never started."""
 
 
+def method_arguments(base: str) -> list[str] | None:
+    """The :mod:`kimad.bench.train` arguments of method ``base`` (no ``@F``): those of :data:`METHODS`, or for
+    ``static<D>`` static top-k at density D (0 < D <= 1; the named ones are its common cases). ``None``: unknown."""
+    if base in METHODS:
+        return METHODS[base]
+    if base.startswith("static"):
+        try:
+            density = float(base.removeprefix("static"))
+        except ValueError:
+            return None
+        if 0.0 < density <= 1.0:
+            return ["--compression", "kimad", "--allocator", "static", "--density", f"{density:g}"]
+    return None
+
+
 def method_name(text: str) -> str:
-    """``--methods`` entry: a name of :data:`METHODS`, or one of :data:`BUDGETED` with ``@F`` (F > 0: its budget is
-    F times the measured compute time, whatever ``--budget`` says). Raises ``argparse.ArgumentTypeError``."""
+    """``--methods`` entry: a name of :data:`METHODS`, ``static<D>`` (static top-k at density 0 < D <= 1), or one
+    of :data:`BUDGETED` with ``@F`` (F > 0: its budget is F times the measured compute time, whatever
+    ``--budget`` says). Raises ``argparse.ArgumentTypeError``."""
     base, budget = method_parts(text)
-    if base not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(METHODS)}, or "
+    if method_arguments(base) is None:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(METHODS)}, static<D> (static "
+                                         f"top-k at density 0 < D <= 1), or "
                                          f"{'/'.join(BUDGETED)}@F (budget F times the compute time)")
     if budget is not None:
         if base not in BUDGETED:
@@ -102,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--period", type=float, default=None,
                    help="phase length of the square trace (default: 5 s), sampling period of sine/cloud (1 s)")
     p.add_argument("--methods", nargs="+", type=method_name, default=None, metavar="METHOD",
-                   help=f"methods to compare, of {', '.join(METHODS)}; {'/'.join(BUDGETED)}@F: that method at a "
+                   help=f"methods to compare, of {', '.join(METHODS)}, static<D> (static top-k at density D); "
+                        f"{'/'.join(BUDGETED)}@F: that method at a "
                         f"budget of F times the compute time (default: {' '.join(DEFAULT_METHODS)}; --quick: "
                         f"{' '.join(QUICK_METHODS)})")
     p.add_argument("--seconds", type=float, default=None,
@@ -160,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_command(method: str, args: argparse.Namespace, log_path: Path) -> list[str]:
     """The rank command of ``method``: ``python -m kimad.bench.train`` with the comparison's options."""
     base, budget = method_parts(method)
-    return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *METHODS[base],
+    return [sys.executable, "-m", "kimad.bench.train", "--workload", args.workload, *method_arguments(base),
             "--budget", budget or str(args.budget), "--error-feedback", args.error_feedback,
             "--epochs", str(args.epochs), "--max-seconds", str(args.seconds),
             "--eval-every-s", str(args.eval_every_s), "--eval-after", "--quiet-wait",
