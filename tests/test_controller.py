@@ -270,6 +270,19 @@ def test_a_faster_link_whose_messages_already_show_it_is_not_probed():
     assert not c.probing and c.estimate().bandwidth_bps == pytest.approx(1e8, rel=0.15)
 
 
+def test_a_faster_link_whose_messages_take_long_on_bits_is_not_probed_despite_a_large_latency():
+    # bits 36 ms at 100 Mbit/s against 36 ms of latency: half the time (under PROBE_BITS_SHARE) but far above jitter
+    c = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
+    step = link_change(c, 2e7, 1e8, sizes=(10_000, 300_000), latency_s=6e-3)
+    c.plan(profiles(), step=step)
+    assert not c.probing
+    # the same link with messages a third the size (12 ms of bits) is probed
+    small = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
+    step = link_change(small, 2e7, 1e8, sizes=(10_000, 100_000), latency_s=6e-3)
+    small.plan(profiles(), step=step)
+    assert small.probing
+
+
 def test_a_checkpoint_taken_during_a_probe_resumes_it_and_an_old_one_starts_none():
     c = Controller(world_size=4, budget=0.05, allocator="layerwise", densities=DENSITIES)
     step = link_change(c, 2e7, 1e8)

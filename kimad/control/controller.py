@@ -18,8 +18,11 @@ Each step (Xin et al., arXiv 2312.08053, Algorithm 1 with the layer-wise extensi
    in <= 5 steps after 14 of 16 speed-ups (worst 8 steps) with probing, 17 of 24 (worst 14) without;
    comm time within 25% of the budget on 84-85% of steps either way. No probe starts when the largest new
    sample, priced at the new estimate, already spends :data:`PROBE_BITS_SHARE` of its time on bits (the LM's
-   ~70 kB messages at 4 ranks: ~0.9; the CNN's 12 kB: ~0.55): its messages show the rate without one, and
-   a probe only overruns the budget (by 1.6-1.9x in the LM's comparisons).
+   ~70 kB messages at 4 ranks: ~0.9; the CNN's 12 kB: ~0.55), or its bits alone take :data:`PROBE_BITS_S`,
+   well above the milliseconds of jitter (the LM's ~110 kB messages with the compact wire: ~30 ms, at only
+   ~0.6 of their time where latency is 15-20 ms; the CNN's 12-25 kB: 2-5 ms): its messages show the rate
+   without one, and a probe only overruns the budget (by 1.6-1.9x in the LM's comparisons; on 12-02 probing
+   plans chose a dense allreduce at ~2x the budget, 2-12 times a repeat).
    *Hedge:* when the last step's collective with the most bits is informative
    (:func:`~kimad.control.estimator.bits_share`) and took ``hedge_trigger`` times longer than the estimate of
    the last plan predicted, while the estimator, with that sample, still sees a link more than
@@ -79,6 +82,7 @@ from kimad.errors import KimadError
 ALLOCATORS = ("layerwise", "uniform", "lagrangian", "static")
 PROBE_TRIGGER = 1.5  # a regime change lifting the estimate by more than this starts a probe (see the docstring)
 PROBE_BITS_SHARE = 0.8  # ... unless the largest new sample spent this share of its time on bits (a lift: one that did)
+PROBE_BITS_S = 0.015  # ... or its bits alone took this long, seconds (several times the scheduling jitter)
 _MAX_FRESH = 64  # samples kept for the hedge and lift between two plans (a step has 2-3)
 HEDGE_MARGIN = 1.5  # a hedge (lift) needs the estimate still this many times above (below) the sample's rate
 
@@ -272,12 +276,13 @@ class Controller:
 
     def _weak_evidence(self, est: BandwidthEstimate) -> bool:
         """Whether the collective with the most bits since the last plan, priced at ``est``, spends less than
-        :data:`PROBE_BITS_SHARE` of its time on bits (or there is none): messages that latency and scheduling
-        jitter drown need a probe to show the new rate, larger ones show it anyway."""
+        :data:`PROBE_BITS_SHARE` of its time on bits and less than :data:`PROBE_BITS_S` seconds (or there is
+        none): messages that latency and scheduling jitter drown need a probe to show the new rate, larger ones
+        show it anyway."""
         if not self._fresh:
             return True
         bits_s, latency_s, _ = self._most_bits(est)
-        return bits_s < PROBE_BITS_SHARE * (bits_s + latency_s)
+        return bits_s < PROBE_BITS_SHARE * (bits_s + latency_s) and bits_s < PROBE_BITS_S
 
     def _most_bits(self, est: BandwidthEstimate) -> tuple[float, float, float]:
         """``(bits-time, latency, measured)`` seconds, priced at ``est``, of the collective with the most bits
