@@ -1,6 +1,7 @@
 """How much any per-rate density schedule could gain over the best static density, from a comparison's logs.
 
     python benchmarks/density_oracle.py RUN_DIR [--targets 0.9 0.95]
+    python benchmarks/density_oracle.py --model [--alpha 0.3 0.4 0.46] [--swing 5 10 20 50]
 
 RUN_DIR is a comparison of ``python -m kimad.bench e2e`` (with or without ``--repeats``) that ran static top-k
 at several densities (methods ``static<d>``) on a trace that moves between a few link rates (``square``: two).
@@ -15,6 +16,11 @@ density d brings ``1 / steps(d)`` of the way to the target, whatever density cam
   method's predicted time is the ceiling of what adapting the density to the link can gain here. Where that
   ratio is above a target ratio (issue 6: 0.8x), no density schedule, Kimad+'s included, can meet it on this
   workload and machine, as far as the model holds.
+
+``--model`` needs no run: with steps to target ``~ d**-alpha`` (measured on the digits CNN: alpha 0.4-0.46 with
+EF21, ~0.3 with classic EF; ``benchmarks/density_steps.py``) and a step of ``c + k d / rate`` (compute plus
+bits, no latency), the oracle's time over the best static density's on a square wave that spends equal time
+at ``rate`` and ``rate / swing`` depends on alpha and the swing alone (:func:`model_ceiling`): a table of it.
 
 The model ignores that early steps gain more than late ones (it credits a schedule for the steps it runs, not
 for when), and the error feedback's memory across a density change. Methods that are not ``static<d>`` (such
@@ -120,6 +126,27 @@ def analyse(runs: dict[str, Run], target: float) -> dict:
             "best_static": best, "ceiling": oracle / best if oracle and best else None, "others": others}
 
 
+def model_ceiling(alpha: float, swing: float) -> float:
+    """The oracle's time to target over the best static density's (the ``--model`` of the module docstring):
+    steps ``d**-alpha``, a step ``1 + d / rate``, equal time at rate 1 and ``1 / swing``; the progress rate is
+    the mean of the two phases' (a long run), the oracle takes each phase's best density, the static one the
+    best single density (searched on a log grid, 400 points a decade over 1e-6..1e6)."""
+    if not (0 < alpha < 1) or not (math.isfinite(swing) and swing >= 1):
+        raise ValueError(f"need 0 < alpha < 1 and a finite swing >= 1, got alpha={alpha!r}, swing={swing!r}")
+
+    def per_progress(d: float, rate: float) -> float:
+        return d ** -alpha * (1.0 + d / rate)
+
+    def time(f_fast: float, f_slow: float) -> float:
+        return 2.0 / (1.0 / f_fast + 1.0 / f_slow)
+
+    best_d = alpha / (1.0 - alpha)  # argmin of per_progress at rate 1 (it scales with the rate)
+    oracle = time(per_progress(best_d, 1.0), per_progress(best_d / swing, 1.0 / swing))
+    static = min(time(per_progress(d, 1.0), per_progress(d, 1.0 / swing))
+                 for d in (10 ** (i / 400) for i in range(-2400, 2401)))
+    return oracle / static
+
+
 def _s(x: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -149,10 +176,25 @@ def _median(values) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", type=Path, help="a comparison's output directory (python -m kimad.bench e2e --out)")
+    p.add_argument("run_dir", type=Path, nargs="?", help="a comparison's output directory (e2e --out)")
     p.add_argument("--targets", type=float, nargs="+", default=None,
                    help="accuracies (digits) or validation losses (LM) to reach (default: the report's two)")
+    p.add_argument("--model", action="store_true", help="print the model's ceiling per alpha and swing (no run)")
+    p.add_argument("--alpha", type=float, nargs="+", default=[0.3, 0.4, 0.46],
+                   help="--model: exponents of steps to target ~ density**-alpha, each in (0, 1)")
+    p.add_argument("--swing", type=float, nargs="+", default=[5, 10, 20, 50],
+                   help="--model: ratios of the fast rate to the slow one, each >= 1")
     args = p.parse_args(argv)
+    if args.model:
+        if any(not 0 < a < 1 for a in args.alpha) or any(not (math.isfinite(w) and w >= 1) for w in args.swing):
+            p.error("--alpha needs values in (0, 1) and --swing finite values >= 1")
+        print("| alpha | " + " | ".join(f"swing {w:g}x" for w in args.swing) + " |")
+        print("|---|" + "---:|" * len(args.swing))
+        for alpha in args.alpha:
+            print(f"| {alpha:g} | " + " | ".join(f"{model_ceiling(alpha, w):.3f}x" for w in args.swing) + " |")
+        return 0
+    if args.run_dir is None:
+        p.error("give a comparison's directory, or --model")
     if not (args.run_dir / "meta.json").is_file():
         p.error(f"{args.run_dir} is no comparison directory (no meta.json)")
     dirs = repeat_dirs(args.run_dir) or [args.run_dir]

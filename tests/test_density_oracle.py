@@ -88,3 +88,25 @@ def test_refuses_a_path_that_is_no_comparison(bench, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main([str(tmp_path)])
     assert exc.value.code == 2 and "no comparison directory" in capsys.readouterr().err
+
+
+def test_model_ceiling_needs_a_swing_and_a_density_dependence(bench):
+    assert bench.model_ceiling(0.4, 1.0) == pytest.approx(1.0, abs=1e-4)  # no swing: one density is the oracle
+    ratios = [bench.model_ceiling(0.4, swing) for swing in (2, 5, 10)]
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] < 0.95  # the larger the swing, the more to gain
+    assert bench.model_ceiling(0.4, 5.0) == pytest.approx(0.933, abs=0.003)
+    with pytest.raises(ValueError, match="alpha"):
+        bench.model_ceiling(1.0, 5.0)
+    with pytest.raises(ValueError, match="swing"):
+        bench.model_ceiling(0.4, 0.5)
+
+
+def test_model_table_and_its_bad_input(bench, capsys):
+    assert bench.main(["--model", "--alpha", "0.4", "--swing", "5", "20"]) == 0
+    assert "| 0.4 | 0.933x | 0.865x |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--model", "--alpha", "1.5"])
+    assert exc.value.code == 2 and "--alpha" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.main([])
+    assert exc.value.code == 2 and "--model" in capsys.readouterr().err
