@@ -4,7 +4,8 @@
     python benchmarks/density_oracle.py --model [--alpha 0.3 0.4 0.46] [--swing 5 10 20 50]
 
 RUN_DIR is a comparison of ``python -m kimad.bench e2e`` (with or without ``--repeats``) that ran static top-k
-at several densities (methods ``static<d>``) on a trace that moves between a few link rates (``square``: two).
+at several densities (methods ``static<d>``, :func:`kimad.bench.report.static_density`) on a trace that moves
+between a few link rates (``square``: two).
 Per repeat and static method it reads the steps the method took to each target and its median step time at each
 shaped rate (the slowest node's, at the step's end). Then it models progress as linear in steps: a step at
 density d brings ``1 / steps(d)`` of the way to the target, whatever density came before. Under this model:
@@ -32,16 +33,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from kimad.bench import report  # noqa: E402
 from kimad.bench.report import Run, evaluation_target, harder_target, read_comparison, repeat_dirs  # noqa: E402
-
-STATIC = re.compile(r"^static(\d*\.?\d+)$")  # e2e's name of static top-k at one density
 
 
 def rate_of(run: Run, step: dict) -> float | None:
@@ -96,13 +95,13 @@ def analyse(runs: dict[str, Run], target: float) -> dict:
     """One repeat's figures for one target: per static method its density, steps to target, step time per
     rate, predicted and measured time; the oracle's density per rate and predicted time; other methods'
     measured times."""
-    statics = {name: float(m.group(1)) for name in runs if (m := STATIC.match(name))}
+    statics = {name: d for name in runs if (d := report.static_density(name)) is not None}
     if len(statics) < 2:
-        raise SystemExit(f"error: the oracle needs at least two static<d> methods, found {sorted(statics)}")
+        raise ValueError(f"the oracle needs at least two static<d> methods, found {sorted(statics)}")
     reference = max(runs.values(), key=lambda r: r.steps[-1]["train_s"] if r.steps else 0.0)
     segments = trace_segments(reference)
     if not segments:
-        raise SystemExit("error: the comparison logged no shaped rate (unshaped runs have no link to adapt to)")
+        raise ValueError("the comparison logged no shaped rate (unshaped runs have no link to adapt to)")
     rates = sorted({rate for _, _, rate in segments})
     rows = {}
     for name, density in statics.items():
@@ -198,13 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "meta.json").is_file():
         p.error(f"{args.run_dir} is no comparison directory (no meta.json)")
     dirs = repeat_dirs(args.run_dir) or [args.run_dir]
-    comparisons = [read_comparison(d)[1] for d in dirs]
+    read = [read_comparison(d) for d in dirs]
+    comparisons = [runs for _, runs in read]
     if not all(comparisons):
         p.error(f"{args.run_dir} holds a repeat without any method's log")
-    metric, target = evaluation_target(read_comparison(dirs[0])[0])
+    metric, target = evaluation_target(read[0][0])
     targets = args.targets or sorted({target, harder_target(metric, target)}, reverse=metric == "val_loss")
     for target in targets:
-        results = [analyse(runs, target) for runs in comparisons]
+        try:
+            results = [analyse(runs, target) for runs in comparisons]
+        except ValueError as error:
+            p.error(f"{args.run_dir}: {error}")
         for d, result in zip(dirs, results):
             print(render(result, f"target {target:g}, {d.name}"))
         if len(results) > 1:

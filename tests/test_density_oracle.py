@@ -78,10 +78,13 @@ def test_main_prints_both_targets(bench, comparison, capsys):
     assert "Oracle over the best static (predicted): **0.90x**" in out
 
 
-def test_needs_two_static_densities(bench, comparison):
+def test_needs_two_static_densities(bench, comparison, capsys):
     (comparison / "static0.01.jsonl").unlink()
-    with pytest.raises(SystemExit, match="at least two static"):
+    with pytest.raises(ValueError, match="at least two static"):
         bench.analyse(read_comparison(comparison)[1], 0.9)
+    with pytest.raises(SystemExit) as exc:
+        bench.main([str(comparison)])
+    assert exc.value.code == 2 and "at least two static" in capsys.readouterr().err
 
 
 def test_refuses_a_path_that_is_no_comparison(bench, tmp_path, capsys):

@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from kimad.bench.report import KIMAD_METHODS, TARGET_LOSS, method_parts
+from kimad.bench.report import KIMAD_METHODS, TARGET_LOSS, method_parts, static_density
 from kimad.bench.train import FEEDBACK_CHOICES, WORKLOADS, parse_budget
 from kimad.errors import KimadError
 
@@ -80,14 +80,8 @@ def method_arguments(base: str) -> list[str] | None:
     ``static<D>`` static top-k at density D (0 < D <= 1; the named ones are its common cases). ``None``: unknown."""
     if base in METHODS:
         return METHODS[base]
-    if base.startswith("static"):
-        try:
-            density = float(base.removeprefix("static"))
-        except ValueError:
-            return None
-        if 0.0 < density <= 1.0:
-            return ["--compression", "kimad", "--allocator", "static", "--density", f"{density:g}"]
-    return None
+    density = static_density(base)
+    return None if density is None else ["--compression", "kimad", "--allocator", "static", "--density", f"{density:g}"]
 
 
 def method_name(text: str) -> str:

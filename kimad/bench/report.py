@@ -222,6 +222,18 @@ def method_parts(name: str) -> tuple[str, str | None]:
     return base, (f"auto:{fraction}" if at else None)
 
 
+def static_density(name: str) -> float | None:
+    """The density D of a comparison's static top-k method ``static<D>`` (0 < D <= 1); ``None`` for any other name.
+    The one reader of the ``static<D>`` syntax."""
+    if not name.startswith("static"):
+        return None
+    try:
+        density = float(name.removeprefix("static"))
+    except ValueError:
+        return None
+    return density if 0.0 < density <= 1.0 else None
+
+
 def base_method(name: str) -> str:
     """The method a comparison's name runs: ``kimad+@0.25`` is ``kimad+``."""
     return method_parts(name)[0]
